@@ -1,0 +1,175 @@
+"""Records shared by the store, the actors and the HTTP API (pydantic models).
+
+Requests (``VMCreate``, ``HostCreate``) are validated strictly: unknown fields, negative or absurd
+sizes and malformed names are refused with a message that says which field was wrong.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from novacron.ids import HostName, VMId
+from novacron.states import HostState, PowerState, VMState
+
+__all__ = [
+    "Host",
+    "HostCreate",
+    "HostName",
+    "HostState",
+    "Overcommit",
+    "PowerState",
+    "Resources",
+    "VMCreate",
+    "VMId",
+    "VMSpec",
+    "VMState",
+    "Workload",
+    "VM",
+]
+
+Name = Annotated[
+    str,
+    StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"),
+]
+"""A name: 1-63 characters, letters, digits, '.', '_' or '-', starting with a letter or digit."""
+
+LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9./_-]{0,62}$")]
+Labels = Annotated[dict[LabelKey, Annotated[str, StringConstraints(max_length=253)]],
+                   Field(max_length=64)]
+
+MAX_CPUS = 1024
+MAX_MEMORY_MIB = 16 * 1024 * 1024  # 16 TiB
+MAX_DISK_GIB = 1024 * 1024  # 1 PiB
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(_Strict):
+    """An amount of each schedulable resource."""
+
+    cpus: float = Field(ge=0, le=MAX_CPUS * 64)
+    memory_mib: int = Field(ge=0, le=MAX_MEMORY_MIB * 64)
+    disk_gib: int = Field(ge=0, le=MAX_DISK_GIB * 64)
+    gpus: int = Field(default=0, ge=0, le=1024)
+
+    def __add__(self, other: Resources) -> Resources:
+        return Resources(cpus=self.cpus + other.cpus, memory_mib=self.memory_mib + other.memory_mib,
+                         disk_gib=self.disk_gib + other.disk_gib, gpus=self.gpus + other.gpus)
+
+    def __sub__(self, other: Resources) -> Resources:
+        return Resources(cpus=max(0.0, self.cpus - other.cpus),
+                         memory_mib=max(0, self.memory_mib - other.memory_mib),
+                         disk_gib=max(0, self.disk_gib - other.disk_gib),
+                         gpus=max(0, self.gpus - other.gpus))
+
+    @classmethod
+    def zero(cls) -> Resources:
+        return cls(cpus=0, memory_mib=0, disk_gib=0)
+
+
+class Overcommit(_Strict):
+    """How far each resource of a host may be promised beyond its physical size."""
+
+    cpu: float = Field(default=4.0, ge=1.0, le=64.0)
+    memory: float = Field(default=1.0, ge=1.0, le=4.0)
+    disk: float = Field(default=1.0, ge=1.0, le=16.0)
+
+
+class Workload(_Strict):
+    """What a simulated guest does while it runs (ignored by real hypervisors)."""
+
+    dirty_rate_mib_s: float = Field(default=0.0, ge=0, le=100_000)
+    cpu_busy: float = Field(default=0.0, ge=0, le=1)
+    disk_write_mib_s: float = Field(default=0.0, ge=0, le=10_000)
+
+
+class VMSpec(_Strict):
+    """What a VM is: its shape, image and labels."""
+
+    name: Name
+    cpus: int = Field(ge=1, le=MAX_CPUS)
+    memory_mib: int = Field(ge=16, le=MAX_MEMORY_MIB)
+    disk_gib: int = Field(default=1, ge=0, le=MAX_DISK_GIB)
+    image: str | None = Field(default=None, min_length=1, max_length=1024)
+    labels: Labels = Field(default_factory=dict)
+    workload: Workload = Field(default_factory=Workload)
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(cpus=self.cpus, memory_mib=self.memory_mib, disk_gib=self.disk_gib)
+
+
+class VMCreate(VMSpec):
+    """``POST /api/v1/vms``: a spec, an optional host to pin it to, and whether to start it."""
+
+    host: Name | None = None
+    start: bool = True
+
+
+class VM(BaseModel):
+    """A VM record: the desired state a user asked for and the actual state last observed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: VMId
+    name: str
+    tenant: str = "default"
+    spec: VMSpec
+    desired: PowerState
+    state: VMState = VMState.PENDING
+    host: HostName | None = None
+    epoch: int = 0  # rises on every placement, restart and migration switchover (fencing)
+    guest_id: str | None = None  # the driver's handle of the running guest (pid, domain uuid...)
+    last_error: str | None = None
+    created_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    revision: int = 0
+
+
+class HostCreate(_Strict):
+    """``POST /api/v1/hosts``: a host to manage."""
+
+    name: Name
+    driver: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_]{0,31}$")] = "sim"
+    uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+    capacity: Resources | None = None
+    overcommit: Overcommit = Field(default_factory=Overcommit)
+    labels: Labels = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class Host(BaseModel):
+    """A host record: its capacity, what is promised on it, and its state."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: HostName
+    driver: str
+    uri: str | None = None
+    capacity: Resources
+    overcommit: Overcommit = Field(default_factory=Overcommit)
+    allocated: Resources = Field(default_factory=Resources.zero)
+    labels: dict[str, str] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+    state: HostState = HostState.UP
+    node_id: str | None = None  # the Ray node its HostActor and VMActors are pinned to
+    created_at: float = Field(default_factory=time.time)
+    revision: int = 0
+
+    @property
+    def limit(self) -> Resources:
+        """Capacity after overcommit: the most that may be promised on this host."""
+        oc = self.overcommit
+        return Resources(cpus=self.capacity.cpus * oc.cpu,
+                         memory_mib=int(self.capacity.memory_mib * oc.memory),
+                         disk_gib=int(self.capacity.disk_gib * oc.disk),
+                         gpus=self.capacity.gpus)
+
+    @property
+    def schedulable(self) -> bool:
+        return self.state == HostState.UP
