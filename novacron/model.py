@@ -15,6 +15,7 @@ from novacron.ids import HostName, VMId
 from novacron.states import HostState, PowerState, VMState
 
 __all__ = [
+    "VM",
     "Host",
     "HostCreate",
     "HostName",
@@ -27,7 +28,6 @@ __all__ = [
     "VMSpec",
     "VMState",
     "Workload",
-    "VM",
 ]
 
 Name = Annotated[
@@ -125,7 +125,9 @@ class VM(BaseModel):
     host: HostName | None = None
     epoch: int = 0  # rises on every placement, restart and migration switchover (fencing)
     guest_id: str | None = None  # the driver's handle of the running guest (pid, domain uuid...)
+    pending: str | None = None  # a one-off action awaiting its agent: "reboot" or "force_stop"
     last_error: str | None = None
+    observed_at: float = 0.0  # when the state was last observed (late, older reports are ignored)
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)
     revision: int = 0

@@ -7,6 +7,7 @@ capabilities must raise NotSupported with a reason.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -28,10 +29,8 @@ class DriverContract:
     def vm_id(self, driver: Driver) -> Iterator[str]:
         vm = f"vm-contract-{uuid.uuid4().hex[:10]}"
         yield vm
-        try:
+        with contextlib.suppress(NotFound, NotSupported):
             driver.stop(vm, force=True)
-        except (NotFound, NotSupported):
-            pass
         driver.undefine(vm, delete_storage=True)
 
     def config(self, vm_id: str, epoch: int = 1) -> GuestConfig:

@@ -1,0 +1,1 @@
+"""Ray actors and tasks: thin wrappers that wire NovaCron's core logic to Ray."""

@@ -1,0 +1,44 @@
+"""The one factory of actor options: restarts, retries, CPUs and where each actor runs.
+
+Every actor is restartable without limit (``max_restarts=-1``) and rebuilds itself from the store;
+their methods are idempotent, so calls interrupted by a restart are retried (``max_task_retries``).
+Actors that mostly wait take no CPU. HostActors and VMActors are detached, so they outlive a
+restart of the controller that created them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors import names
+
+
+def controller_options(namespace: str) -> dict[str, Any]:
+    return {"name": names.CONTROLLER, "namespace": namespace, "lifetime": "detached",
+            "get_if_exists": True, "max_restarts": -1, "max_task_retries": -1,
+            "num_cpus": 0, "max_concurrency": 32}
+
+
+def _placement(host: dict[str, Any]) -> dict[str, Any]:
+    """Pin to the Ray node that is this host: its custom resource, else its recorded node."""
+    if host.get("node_id"):
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(host["node_id"], soft=False)}
+    return {"resources": {names.host_resource(host["name"]): 0.001}}
+
+
+def host_options(namespace: str, host: dict[str, Any]) -> dict[str, Any]:
+    return {"name": names.host_actor(host["name"]), "namespace": namespace,
+            "lifetime": "detached", "get_if_exists": True, "max_restarts": -1,
+            "max_task_retries": -1, "num_cpus": 0, "max_concurrency": 4, **_placement(host)}
+
+
+def vm_options(namespace: str, vm_id: str, host: dict[str, Any]) -> dict[str, Any]:
+    return {"name": names.vm_actor(vm_id), "namespace": namespace, "lifetime": "detached",
+            "get_if_exists": True, "max_restarts": -1, "max_task_retries": -1, "num_cpus": 0,
+            "max_concurrency": 4, **_placement(host)}
+
+
+def probe_options(host: dict[str, Any]) -> dict[str, Any]:
+    return {"num_cpus": 0, "max_retries": 0, **_placement(host)}

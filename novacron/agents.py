@@ -1,0 +1,169 @@
+"""The per-VM and per-host agents: what a VMActor and a HostActor do, without Ray.
+
+An agent owns a driver and talks to the control plane through a :class:`Reporter`. The actors in
+``actors/`` only construct agents and forward calls. This module imports no third-party package, so
+a VMActor process stays small.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from novacron.drivers.base import Driver, GuestConfig, GuestInfo, driver_class
+from novacron.errors import NotFound, NovaCronError, StaleEpoch
+from novacron.states import PowerState, VMState
+
+log = logging.getLogger("novacron.agents")
+
+
+class Reporter(Protocol):
+    """How agents tell the control plane what they observed."""
+
+    def report_vm(self, vm_id: str, epoch: int, observed: Mapping[str, Any]) -> None: ...
+
+    def heartbeat(self, host: str, stats: Mapping[str, Any],
+                  guests: Sequence[Mapping[str, Any]]) -> None: ...
+
+
+def make_driver(host: Mapping[str, Any], state_dir: str) -> Driver:
+    """Build and connect the driver of a host record (a dict as stored)."""
+    cls = driver_class(str(host["driver"]))
+    driver = cls(str(host["name"]), host.get("uri"), host.get("config") or {}, Path(state_dir))
+    driver.connect()
+    return driver
+
+
+def guest_config(vm: Mapping[str, Any]) -> GuestConfig:
+    """The driver's view of a VM record (a dict as stored)."""
+    spec = vm["spec"]
+    return GuestConfig(vm_id=vm["id"], name=spec["name"], cpus=spec["cpus"],
+                       memory_mib=spec["memory_mib"], disk_gib=spec["disk_gib"],
+                       image=spec.get("image"), labels=spec.get("labels") or {},
+                       workload=spec.get("workload") or {}, epoch=vm["epoch"])
+
+
+def observation(info: GuestInfo | None, *, error: str | None = None,
+                done: str | None = None) -> dict[str, Any]:
+    """What an agent reports: the guest's state, handle and the time it was seen."""
+    if info is None:
+        return {"state": VMState.DELETED.value, "guest_id": None, "time": time.time(),
+                "error": error, "done": done}
+    data = asdict(info)
+    data["state"] = info.state.value
+    data.update(time=time.time(), error=error, done=done)
+    return data
+
+
+class VMAgent:
+    """Drives one VM's guest toward the desired state it is given; idempotent."""
+
+    def __init__(self, vm_id: str, driver: Driver, reporter: Reporter, *,
+                 stop_timeout_s: float = 30.0) -> None:
+        self.vm_id = vm_id
+        self.driver = driver
+        self.reporter = reporter
+        self.stop_timeout_s = stop_timeout_s
+        self.epoch = 0
+        self._lock = threading.Lock()
+
+    def observe(self) -> dict[str, Any]:
+        """The guest's state now (re-attaches to a guest that outlived a previous agent)."""
+        try:
+            return observation(self.driver.get(self.vm_id))
+        except NotFound:
+            return observation(None)
+
+    def power_off(self) -> bool:
+        """Force the guest off without changing what was asked for; False if it was not on."""
+        with self._lock:
+            try:
+                info = self.driver.get(self.vm_id)
+            except NotFound:
+                return False
+            if info.state == VMState.STOPPED:
+                return False
+            self.driver.stop(self.vm_id, force=True)
+            return True
+
+    def converge(self, vm: Mapping[str, Any]) -> dict[str, Any]:
+        """Drive the guest to ``vm["desired"]``; report and return what was observed."""
+        with self._lock:
+            epoch = int(vm["epoch"])
+            if epoch < self.epoch:
+                raise StaleEpoch(f"VM {self.vm_id}: epoch {epoch} is older than {self.epoch}",
+                                 details={"vm": self.vm_id, "epoch": epoch,
+                                          "current": self.epoch})
+            self.epoch = epoch
+            pending = vm.get("pending")
+            try:
+                info = self._converge(vm, PowerState(vm["desired"]), pending)
+                result = observation(info, done=pending)
+            except NovaCronError as exc:
+                log.warning("VM %s: %s", self.vm_id, exc.message)
+                current = self.observe()
+                result = {**current, "error": exc.message, "done": pending}
+            self.reporter.report_vm(self.vm_id, epoch, result)
+            return result
+
+    def _converge(self, vm: Mapping[str, Any], desired: PowerState,
+                  pending: str | None) -> GuestInfo | None:
+        d = self.driver
+        try:
+            info: GuestInfo | None = d.get(self.vm_id)
+        except NotFound:
+            info = None
+        if desired == PowerState.DELETED:
+            if info is not None:
+                if info.state != VMState.STOPPED:
+                    d.stop(self.vm_id, force=True)
+                d.undefine(self.vm_id, delete_storage=True)
+            return None
+        if info is None:
+            info = d.define(guest_config(vm))
+        state = info.state
+        if desired in (PowerState.RUNNING, PowerState.PAUSED):
+            if state in (VMState.STOPPED, VMState.ERROR, VMState.UNKNOWN):
+                self._report_transient(vm, VMState.STARTING)
+                info = d.start(self.vm_id, int(vm["epoch"]))
+            elif state == VMState.PAUSED and desired == PowerState.RUNNING:
+                info = d.resume(self.vm_id)
+            if pending == "reboot" and info.state == VMState.RUNNING:
+                info = d.reboot(self.vm_id)
+            if desired == PowerState.PAUSED and info.state == VMState.RUNNING:
+                info = d.pause(self.vm_id)
+        elif desired == PowerState.STOPPED and state != VMState.STOPPED:
+            force = pending == "force_stop"
+            if not force:
+                self._report_transient(vm, VMState.STOPPING)
+            info = d.stop(self.vm_id, force=force, timeout_s=self.stop_timeout_s)
+        return info
+
+    def _report_transient(self, vm: Mapping[str, Any], state: VMState) -> None:
+        self.reporter.report_vm(self.vm_id, int(vm["epoch"]),
+                                {"state": state.value, "time": time.time(), "transient": True})
+
+
+class HostAgent:
+    """Samples one host and its guests, and sends them to the control plane as heartbeats."""
+
+    def __init__(self, host: str, driver: Driver, reporter: Reporter) -> None:
+        self.host = host
+        self.driver = driver
+        self.reporter = reporter
+
+    def info(self) -> dict[str, Any]:
+        """The host's physical size and hypervisor."""
+        return asdict(self.driver.host_info())
+
+    def beat(self) -> None:
+        """Take one sample and send it."""
+        stats = asdict(self.driver.host_stats())
+        now = time.time()
+        guests = [{**asdict(g), "state": g.state.value, "time": now} for g in self.driver.list()]
+        self.reporter.heartbeat(self.host, stats, guests)

@@ -1,0 +1,212 @@
+"""The driver-script API: ``nc = novacron.connect(); vm = nc.vms.create(...)``.
+
+Attaches to the running cluster with ``ray.init(address=...)`` and calls the controller actor;
+returns typed records (:class:`~novacron.model.VM`, :class:`~novacron.model.Host`) wrapped in
+handles that act on them. Errors are NovaCron's own exceptions, unwrapped from Ray's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
+
+from novacron.errors import NotFound, NovaCronError, OperationTimeout, Unavailable
+from novacron.model import VM, Host, HostCreate, Resources, VMCreate
+from novacron.states import HostState, VMState
+
+log = logging.getLogger("novacron.client")
+CONTROLLER = "controller"  # actors.names.CONTROLLER; the client does not import actors/
+
+
+class _Controller:
+    """Calls to the controller actor, with Ray's errors turned into NovaCron's."""
+
+    def __init__(self, handle: Any, timeout_s: float) -> None:
+        self.handle = handle
+        self.timeout_s = timeout_s
+
+    def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return ray.get(getattr(self.handle, method).remote(*args, **kwargs),
+                           timeout=self.timeout_s)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, NovaCronError):
+                raise exc.cause from None
+            raise
+        except GetTimeoutError as exc:
+            raise OperationTimeout(f"the controller did not answer {method} within "
+                                   f"{self.timeout_s:g} s") from exc
+        except (ActorDiedError, ActorUnavailableError) as exc:
+            raise Unavailable("the NovaCron controller is not available") from exc
+
+
+class VMHandle:
+    """A VM record and the actions on it. ``record`` is the state last fetched."""
+
+    def __init__(self, call: _Controller, record: VM) -> None:
+        self._call = call
+        self.record = record
+
+    def __repr__(self) -> str:
+        r = self.record
+        return f"<VM {r.name} {r.id} {r.state.value} on {r.host}>"
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def name(self) -> str:
+        return self.record.name
+
+    @property
+    def state(self) -> VMState:
+        return self.record.state
+
+    @property
+    def host(self) -> str | None:
+        return self.record.host
+
+    def refresh(self) -> VMHandle:
+        """Fetch the current record."""
+        self.record = self._call("get_vm", self.record.id)
+        return self
+
+    def _act(self, action: str, force: bool = False) -> VMHandle:
+        self.record = self._call("vm_action", self.record.id, action, force=force)
+        return self
+
+    def start(self) -> VMHandle:
+        return self._act("start")
+
+    def stop(self, *, force: bool = False) -> VMHandle:
+        return self._act("stop", force)
+
+    def reboot(self) -> VMHandle:
+        return self._act("reboot")
+
+    def pause(self) -> VMHandle:
+        return self._act("pause")
+
+    def resume(self) -> VMHandle:
+        return self._act("resume")
+
+    def delete(self) -> VMHandle:
+        self.record = self._call("delete_vm", self.record.id)
+        return self
+
+    def wait_for(self, state: VMState | str, timeout: float = 60.0,
+                 poll_s: float = 0.2) -> VMHandle:
+        """Wait until the VM is in ``state`` (``deleted`` waits for it to be gone)."""
+        target = VMState(state)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.refresh()
+            except NotFound:
+                if target == VMState.DELETED:
+                    self.record = self.record.model_copy(update={"state": VMState.DELETED})
+                    return self
+                raise
+            if self.record.state == target:
+                return self
+            if time.monotonic() >= deadline:
+                raise OperationTimeout(
+                    f"VM {self.record.name} is {self.record.state.value}, not {target.value}, "
+                    f"after {timeout:g} s" + (f" (last error: {self.record.last_error})"
+                                              if self.record.last_error else ""),
+                    details={"vm": self.record.id, "state": self.record.state.value})
+            time.sleep(poll_s)
+
+
+class VMs:
+    """``nc.vms``: create, find and list VMs."""
+
+    def __init__(self, call: _Controller) -> None:
+        self._call = call
+
+    def create(self, name: str, *, cpus: int, memory_mib: int, disk_gib: int = 1,
+               image: str | None = None, labels: dict[str, str] | None = None,
+               host: str | None = None, start: bool = True, **extra: Any) -> VMHandle:
+        """Create (and by default start) a VM; returns at once, see ``wait_for``."""
+        req = VMCreate(name=name, cpus=cpus, memory_mib=memory_mib, disk_gib=disk_gib,
+                       image=image, labels=labels or {}, host=host, start=start, **extra)
+        return VMHandle(self._call, self._call("create_vm", req))
+
+    def get(self, ref: str) -> VMHandle:
+        """A VM by id or name."""
+        return VMHandle(self._call, self._call("find_vm", ref))
+
+    def list(self, *, host: str | None = None) -> list[VMHandle]:
+        return [VMHandle(self._call, vm) for vm in self._call("list_vms", host)]
+
+
+class Hosts:
+    """``nc.hosts``: register and inspect hosts."""
+
+    def __init__(self, call: _Controller) -> None:
+        self._call = call
+
+    def register(self, name: str, *, driver: str = "sim", uri: str | None = None,
+                 capacity: dict[str, Any] | None = None, labels: dict[str, str] | None = None,
+                 config: dict[str, Any] | None = None) -> Host:
+        req = HostCreate(name=name, driver=driver, uri=uri,
+                         capacity=Resources(**capacity) if capacity else None,
+                         labels=labels or {}, config=config or {})
+        host: Host = self._call("register_host", req)
+        return host
+
+    def get(self, name: str) -> Host:
+        host: Host = self._call("get_host", name)
+        return host
+
+    def list(self) -> list[Host]:
+        hosts: list[Host] = self._call("list_hosts")
+        return hosts
+
+    def maintenance(self, name: str) -> Host:
+        host: Host = self._call("set_host_state", name, HostState.MAINTENANCE)
+        return host
+
+    def activate(self, name: str) -> Host:
+        host: Host = self._call("set_host_state", name, HostState.UP)
+        return host
+
+    def delete(self, name: str) -> None:
+        self._call("delete_host", name)
+
+
+class NovaCron:
+    """A connection to a running NovaCron cluster."""
+
+    def __init__(self, controller: Any, *, timeout_s: float = 60.0) -> None:
+        self._call = _Controller(controller, timeout_s)
+        self.vms = VMs(self._call)
+        self.hosts = Hosts(self._call)
+
+    def status(self) -> dict[str, Any]:
+        """Counts of hosts and VMs by state, and the store's revision."""
+        status: dict[str, Any] = self._call("status")
+        return status
+
+
+def connect(address: str = "auto", *, namespace: str = "novacron",
+            timeout_s: float = 60.0) -> NovaCron:
+    """Attach to the cluster at ``address``; Unavailable if NovaCron is not running there."""
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
+                     log_to_driver=False)
+        except ConnectionError as exc:
+            raise Unavailable(f"no Ray cluster at {address!r}: is NovaCron up? "
+                              "(start it with: novacron up)") from exc
+    try:
+        handle = ray.get_actor(CONTROLLER, namespace=namespace)
+    except ValueError as exc:
+        raise Unavailable(f"Ray is running but NovaCron is not (no controller in namespace "
+                          f"{namespace!r}); start it with: novacron up") from exc
+    return NovaCron(handle, timeout_s=timeout_s)

@@ -1,0 +1,36 @@
+"""Settings, from ``NOVACRON_*`` environment variables (pydantic-settings) or arguments."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_state_dir() -> Path:
+    """``$NOVACRON_STATE_DIR`` or ``~/.novacron``."""
+    return Path.home() / ".novacron"
+
+
+class Settings(BaseSettings):
+    """Everything the control plane can be tuned with; each field is ``NOVACRON_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="NOVACRON_", extra="forbid")
+
+    state_dir: Path = Field(default_factory=default_state_dir)
+    namespace: str = "novacron"
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    dashboard_port: int = Field(default=8265, ge=1, le=65535)
+    ray_port: int = Field(default=6379, ge=1, le=65535)
+    sim_hosts: int = Field(default=4, ge=0, le=1000)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60)
+    heartbeat_misses: int = Field(default=5, ge=1, le=100)
+    reconcile_interval_s: float = Field(default=1.0, gt=0, le=60)
+    converge_timeout_s: float = Field(default=60.0, gt=0)
+    stop_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+
+    @property
+    def store_path(self) -> Path:
+        return self.state_dir / "state.db"

@@ -1,0 +1,447 @@
+"""The control plane's logic: admission, placement, desired-vs-actual reconciliation, liveness.
+
+:class:`ControlPlane` owns the store and reaches hosts and VMs through a :class:`Fleet` (Ray actors
+in production, see ``actors/fleet.py``; in-process agents in ``novacron/localfleet.py``). It holds
+no state that the store does not: heartbeat times and in-flight operations are rebuilt on restart.
+
+Every VM write is conditional on the revision read, and every agent report carries the VM's
+placement epoch; a report from an older epoch (a stale actor, a fenced host) is ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from novacron.drivers.base import driver_class
+from novacron.errors import (
+    AlreadyExists,
+    Conflict,
+    InvalidTransition,
+    NoCapacity,
+    NotFound,
+    RevisionMismatch,
+)
+from novacron.ids import HostName, VMId, new_id
+from novacron.model import VM, Host, HostCreate, Resources, VMCreate, VMSpec
+from novacron.states import (
+    SETTLED,
+    HostState,
+    PowerState,
+    VMState,
+    check_host_transition,
+    check_vm_action,
+    check_vm_transition,
+)
+from novacron.store import Delete, Put, Record, Store
+
+log = logging.getLogger("novacron.controlplane")
+
+_RETRIES = 8
+
+
+class Fleet(Protocol):
+    """How the control plane reaches hosts and VMs."""
+
+    def probe_host(self, host: Host) -> dict[str, Any]:
+        """Connect to a new host's hypervisor; its HostInfo fields plus ``node_id``."""
+        ...
+
+    def start_host(self, host: Host) -> None:
+        """Make sure the host's agent runs (idempotent)."""
+        ...
+
+    def stop_host(self, name: str) -> None:
+        """Stop the host's agent. Its guests keep running."""
+        ...
+
+    def converge_vm(self, vm: VM, host: Host) -> None:
+        """Ask the VM's agent to drive it to its desired state; returns at once."""
+        ...
+
+    def forget_vm(self, vm_id: str) -> None:
+        """Stop the VM's agent (the VM is gone)."""
+        ...
+
+
+def vm_from(record: Record) -> VM:
+    return VM.model_validate({**record.data, "revision": record.revision})
+
+
+def host_from(record: Record) -> Host:
+    return Host.model_validate({**record.data, "revision": record.revision})
+
+
+def _dump(obj: VM | Host) -> dict[str, Any]:
+    return obj.model_dump(mode="json", exclude={"revision"})
+
+
+def select_host(demand: Resources, hosts: list[Host], *, pinned: str | None = None) -> Host:
+    """Best fit: the schedulable host left with the least free room; NoCapacity says why not."""
+    removed = {"not up": 0, "pinned elsewhere": 0, "insufficient cpus": 0,
+               "insufficient memory": 0, "insufficient disk": 0}
+    best: tuple[float, Host] | None = None
+    for host in hosts:
+        if pinned is not None and host.name != pinned:
+            removed["pinned elsewhere"] += 1
+            continue
+        if not host.schedulable:
+            removed["not up"] += 1
+            continue
+        free = host.limit - host.allocated
+        short = [dim for dim, have, need in (("cpus", free.cpus, demand.cpus),
+                                             ("memory", free.memory_mib, demand.memory_mib),
+                                             ("disk", free.disk_gib, demand.disk_gib))
+                 if have < need]
+        if short:
+            removed[f"insufficient {short[0]}"] += 1
+            continue
+        leftover = ((free.cpus - demand.cpus) / max(host.limit.cpus, 1)
+                    + (free.memory_mib - demand.memory_mib) / max(host.limit.memory_mib, 1))
+        if best is None or leftover < best[0]:
+            best = (leftover, host)
+    if best is None:
+        reasons = ", ".join(f"{n} {why}" for why, n in removed.items() if n)
+        raise NoCapacity(f"0/{len(hosts)} hosts fit {demand.cpus:g} cpus, {demand.memory_mib} MiB,"
+                         f" {demand.disk_gib} GiB" + (f": {reasons}" if reasons else ""),
+                         details={"hosts": len(hosts),
+                                  "removed": {k: v for k, v in removed.items() if v}})
+    return best[1]
+
+
+def unsettled(vm: VM) -> bool:
+    """Whether the VM's observed state is not yet what was asked for."""
+    return vm.pending is not None or vm.state != SETTLED[vm.desired]
+
+
+class ControlPlane:
+    """Admission, placement and reconciliation over one store. Thread-safe."""
+
+    def __init__(self, store: Store, fleet: Fleet, *, heartbeat_interval_s: float = 1.0,
+                 heartbeat_misses: int = 5, converge_timeout_s: float = 60.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.fleet = fleet
+        self.heartbeat_timeout_s = heartbeat_interval_s * heartbeat_misses
+        self.converge_timeout_s = converge_timeout_s
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._last_seen: dict[str, float] = {}
+        self._host_stats: dict[str, dict[str, Any]] = {}
+        self._inflight: dict[str, float] = {}
+
+    # -- startup ----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bring every stored host's agent up; VMs converge on the next reconcile pass."""
+        now = self.clock()
+        for host in self.list_hosts():
+            self._last_seen[host.name] = now  # a grace period after a (re)start
+            try:
+                self.fleet.start_host(host)
+            except Exception:
+                log.exception("could not start the agent of host %s", host.name)
+
+    # -- hosts ------------------------------------------------------------------------------
+    def register_host(self, req: HostCreate) -> Host:
+        """Connect to a new host and add it; AlreadyExists if the name is taken."""
+        driver_class(req.driver)  # an unknown driver is an InvalidRequest
+        if self.store.get("host", req.name) is not None:
+            raise AlreadyExists(f"a host named {req.name!r} already exists",
+                                details={"host": req.name})
+        draft = Host(name=HostName(req.name), driver=req.driver, uri=req.uri,
+                     capacity=req.capacity or Resources.zero(), overcommit=req.overcommit,
+                     labels=dict(req.labels), config=dict(req.config))
+        probed = self.fleet.probe_host(draft)
+        capacity = req.capacity or Resources(cpus=probed["cpus"], memory_mib=probed["memory_mib"],
+                                             disk_gib=probed["disk_gib"])
+        host = draft.model_copy(update={"capacity": capacity, "node_id": probed.get("node_id")})
+        record = self.store.create("host", host.name, _dump(host))
+        host = host_from(record)
+        with self._lock:
+            self._last_seen[host.name] = self.clock()
+        self.fleet.start_host(host)
+        log.info("host %s registered (%s, %s cpus, %s MiB)", host.name, host.driver,
+                 capacity.cpus, capacity.memory_mib)
+        return host
+
+    def get_host(self, name: str) -> Host:
+        record = self.store.get("host", name)
+        if record is None:
+            raise NotFound(f"no host named {name!r}", details={"host": name})
+        return host_from(record)
+
+    def list_hosts(self) -> list[Host]:
+        return [host_from(r) for r in self.store.all("host")]
+
+    def host_stats(self, name: str) -> dict[str, Any]:
+        """The last sample a host sent (empty before its first heartbeat)."""
+        return dict(self._host_stats.get(name, {}))
+
+    def all_host_stats(self) -> dict[str, dict[str, Any]]:
+        """The last sample of every host that has sent one."""
+        return {name: dict(stats) for name, stats in self._host_stats.items()}
+
+    def set_host_state(self, name: str, state: HostState) -> Host:
+        """Move a host to ``state`` (maintenance, back up...) as its state machine allows."""
+        with self._lock:
+            host = self.get_host(name)
+            check_host_transition(host.state, state)
+            return self._write_host(host.model_copy(update={"state": state}))
+
+    def delete_host(self, name: str) -> None:
+        """Remove an empty host; Conflict while VMs are on it."""
+        with self._lock:
+            host = self.get_host(name)
+            count = self.store.count("vm", where={"host": name})
+            if count:
+                raise Conflict(f"host {name!r} still has {count} VM(s); move or delete them first",
+                               details={"host": name, "vms": count})
+            self.store.delete("host", name, expected_revision=host.revision)
+            self._last_seen.pop(name, None)
+            self._host_stats.pop(name, None)
+        self.fleet.stop_host(name)
+
+    def _write_host(self, host: Host) -> Host:
+        return host_from(self.store.put("host", host.name, _dump(host),
+                                        expected_revision=host.revision))
+
+    # -- VMs --------------------------------------------------------------------------------
+    def create_vm(self, req: VMCreate, *, tenant: str = "default",
+                  request_id: str | None = None) -> VM:
+        """Admit, place and record a new VM; its agent then defines (and starts) it.
+
+        ``request_id`` makes a retried create return the VM the first attempt made.
+        """
+        name_key = f"{tenant}/{req.name}"
+        spec = VMSpec.model_validate(req.model_dump(exclude={"host", "start"}))
+        for _ in range(_RETRIES):
+            with self._lock:
+                taken = self.store.get("vmname", name_key)
+                if taken is not None:
+                    if request_id and taken.data.get("request_id") == request_id:
+                        return self.get_vm(taken.data["vm"])
+                    raise AlreadyExists(f"a VM named {req.name!r} already exists",
+                                        details={"name": req.name, "vm": taken.data["vm"]})
+                if req.host is not None:
+                    self.get_host(req.host)  # NotFound for an unknown host
+                host = select_host(spec.resources, self.list_hosts(), pinned=req.host)
+                vm = VM(id=VMId(new_id("vm")), name=req.name, tenant=tenant, spec=spec,
+                        desired=PowerState.RUNNING if req.start else PowerState.STOPPED,
+                        host=host.name, epoch=1)
+                allocated = host.allocated + spec.resources
+                try:
+                    written = self.store.commit([
+                        Put("vm", vm.id, _dump(vm), 0),
+                        Put("vmname", name_key, {"vm": vm.id, "request_id": request_id}, 0),
+                        Put("host", host.name,
+                            _dump(host.model_copy(update={"allocated": allocated})),
+                            host.revision),
+                    ])
+                except RevisionMismatch:
+                    continue  # the host changed under us: place again
+                record = written[0]
+                assert record is not None
+                vm = vm_from(record)
+                self._inflight[vm.id] = self.clock() + self.converge_timeout_s
+            log.info("VM %s (%s) placed on %s", vm.id, vm.name, host.name)
+            self._converge(vm)
+            return vm
+        raise Conflict("placement kept racing with other changes; try again")
+
+    def get_vm(self, vm_id: str) -> VM:
+        record = self.store.get("vm", vm_id)
+        if record is None:
+            raise NotFound(f"no VM with id {vm_id!r}", details={"vm": vm_id})
+        return vm_from(record)
+
+    def find_vm(self, ref: str, *, tenant: str = "default") -> VM:
+        """A VM by id or by name."""
+        record = self.store.get("vm", ref)
+        if record is None:
+            named = self.store.get("vmname", f"{tenant}/{ref}")
+            if named is not None:
+                record = self.store.get("vm", named.data["vm"])
+        if record is None:
+            raise NotFound(f"no VM with id or name {ref!r}", details={"vm": ref})
+        return vm_from(record)
+
+    def list_vms(self, *, host: str | None = None) -> list[VM]:
+        return [vm_from(r) for r in self.store.all("vm", where={"host": host} if host else None)]
+
+    def vm_action(self, vm_id: str, action: str, *, force: bool = False) -> VM:
+        """Ask for start, stop, reboot, pause or resume; InvalidTransition if the state forbids."""
+        with self._lock:
+            vm = self.get_vm(vm_id)
+            self._refuse_if_deleting(vm)
+            desired = check_vm_action(action, vm.state)
+            pending = "reboot" if action == "reboot" else (
+                "force_stop" if action == "stop" and force else None)
+            vm = self._write_vm(vm.model_copy(update={"desired": desired, "pending": pending}))
+            self._inflight[vm.id] = self.clock() + self.converge_timeout_s
+        log.info("VM %s: %s requested", vm.id, action)
+        self._converge(vm)
+        return vm
+
+    def delete_vm(self, vm_id: str) -> VM:
+        """Ask for the VM to be removed (its guest is stopped and undefined, then the record)."""
+        with self._lock:
+            vm = self.get_vm(vm_id)
+            self._refuse_if_deleting(vm)
+            check_vm_transition(vm.state, VMState.DELETING)
+            vm = self._write_vm(vm.model_copy(update={"desired": PowerState.DELETED,
+                                                      "state": VMState.DELETING,
+                                                      "pending": None}))
+            if vm.host is None:
+                self._finish_delete(vm)
+                return vm
+            self._inflight[vm.id] = self.clock() + self.converge_timeout_s
+        self._converge(vm)
+        return vm
+
+    @staticmethod
+    def _refuse_if_deleting(vm: VM) -> None:
+        if vm.desired == PowerState.DELETED:
+            raise InvalidTransition(f"VM {vm.name!r} is being deleted",
+                                    details={"vm": vm.id, "state": vm.state.value})
+
+    def _write_vm(self, vm: VM) -> VM:
+        vm = vm.model_copy(update={"updated_at": self.clock()})
+        return vm_from(self.store.put("vm", vm.id, _dump(vm), expected_revision=vm.revision))
+
+    def _converge(self, vm: VM) -> None:
+        if vm.host is None:
+            return
+        try:
+            host = self.get_host(vm.host)
+        except NotFound:
+            log.error("VM %s is on unknown host %s", vm.id, vm.host)
+            return
+        if host.state == HostState.UNREACHABLE:
+            return
+        try:
+            self.fleet.converge_vm(vm, host)
+        except Exception:
+            log.exception("could not reach the agent of VM %s", vm.id)
+
+    def _finish_delete(self, vm: VM) -> None:
+        ops: list[Put | Delete] = [Delete("vm", vm.id, vm.revision),
+                                   Delete("vmname", f"{vm.tenant}/{vm.name}", missing_ok=True)]
+        host_record = self.store.get("host", vm.host) if vm.host else None
+        if host_record is not None:
+            host = host_from(host_record)
+            ops.append(Put("host", host.name, _dump(host.model_copy(
+                update={"allocated": host.allocated - vm.spec.resources})), host.revision))
+        self.store.commit(ops)
+        self._inflight.pop(vm.id, None)
+        log.info("VM %s (%s) deleted", vm.id, vm.name)
+        try:
+            self.fleet.forget_vm(vm.id)
+        except Exception:
+            log.exception("could not stop the agent of VM %s", vm.id)
+
+    # -- what agents report -------------------------------------------------------------------
+    def report_vm(self, vm_id: str, epoch: int, observed: Mapping[str, Any]) -> None:
+        """Record what a VM's agent (or its host's heartbeat) observed, if still current."""
+        with self._lock:
+            record = self.store.get("vm", vm_id)
+            if record is None:
+                return
+            vm = vm_from(record)
+            if epoch != vm.epoch:
+                log.warning("VM %s: ignored a report from epoch %s (current %s)", vm_id, epoch,
+                            vm.epoch)
+                return
+            seen_at = float(observed.get("time", self.clock()))
+            if seen_at < vm.observed_at:
+                return  # an older observation arrived late
+            state = VMState(observed["state"])
+            if state == VMState.DELETED:
+                if vm.desired == PowerState.DELETED:
+                    self._finish_delete(vm)
+                    return
+                state = VMState.PENDING  # the guest vanished: the agent defines it again
+            try:
+                check_vm_transition(vm.state, state)
+            except InvalidTransition as exc:
+                log.warning("VM %s: ignored observation: %s", vm_id, exc.message)
+                return
+            update: dict[str, Any] = {"state": state, "observed_at": seen_at}
+            if not observed.get("transient"):
+                update["guest_id"] = observed.get("guest_id")
+                update["last_error"] = observed.get("error")
+                if observed.get("done") is not None and observed.get("done") == vm.pending:
+                    update["pending"] = None
+                self._inflight.pop(vm_id, None)
+            if all(getattr(vm, k) == v for k, v in update.items() if k != "observed_at"):
+                return
+            vm = self._write_vm(vm.model_copy(update=update))
+        if vm.state != state:
+            return
+        if not observed.get("transient") and observed.get("error") is None and unsettled(vm):
+            self._converge(vm)  # the world moved again since this agent's run
+
+    def heartbeat(self, host: str, stats: Mapping[str, Any],
+                  guests: Sequence[Mapping[str, Any]]) -> None:
+        """A host's periodic sample: marks it alive and reconciles what its guests are doing."""
+        with self._lock:
+            record = self.store.get("host", host)
+            if record is None:
+                return
+            self._last_seen[host] = self.clock()
+            self._host_stats[host] = dict(stats)
+            current = host_from(record)
+            if current.state == HostState.UNREACHABLE:
+                self._write_host(current.model_copy(update={"state": HostState.UP}))
+                log.info("host %s is reachable again", host)
+            for guest in guests:
+                vm_record = self.store.get("vm", str(guest["vm_id"]))
+                if vm_record is None or vm_record.data.get("host") != host:
+                    continue
+                vm = vm_from(vm_record)
+                if vm.id in self._inflight or vm.state.value == guest["state"]:
+                    continue
+                self.report_vm(vm.id, vm.epoch, guest)
+
+    # -- reconciliation -----------------------------------------------------------------------
+    def reconcile_once(self) -> None:
+        """One pass: mark silent hosts unreachable, push unsettled VMs toward desired state."""
+        now = self.clock()
+        unreachable: set[str] = set()
+        for host in self.list_hosts():
+            last = self._last_seen.setdefault(host.name, now)
+            if now - last > self.heartbeat_timeout_s:
+                unreachable.add(host.name)
+                if host.state != HostState.UNREACHABLE:
+                    self._mark_unreachable(host)
+        for vm in self.list_vms():
+            if vm.host in unreachable or not unsettled(vm):
+                continue
+            deadline = self._inflight.get(vm.id)
+            if deadline is not None and deadline > now:
+                continue
+            with self._lock:
+                self._inflight[vm.id] = now + self.converge_timeout_s
+            self._converge(vm)
+
+    def _mark_unreachable(self, host: Host) -> None:
+        with self._lock:
+            log.warning("host %s missed its heartbeats: unreachable", host.name)
+            self._write_host(host.model_copy(update={"state": HostState.UNREACHABLE}))
+            for vm in self.list_vms(host=host.name):
+                if vm.state not in (VMState.UNKNOWN, VMState.PENDING):
+                    self._write_vm(vm.model_copy(update={"state": VMState.UNKNOWN}))
+
+    def status(self) -> dict[str, Any]:
+        """Counts for ``novacron status`` and readiness."""
+        vms = self.list_vms()
+        by_state: dict[str, int] = {}
+        for vm in vms:
+            by_state[vm.state.value] = by_state.get(vm.state.value, 0) + 1
+        hosts = self.list_hosts()
+        return {"hosts": len(hosts),
+                "hosts_up": sum(1 for h in hosts if h.state == HostState.UP),
+                "vms": len(vms), "vms_by_state": by_state,
+                "revision": self.store.head_revision()}

@@ -1,0 +1,1 @@
+"""The Ray Serve HTTP front end: the /api/v1 routes, health, metrics."""

@@ -1,0 +1,80 @@
+"""The Ray Serve deployment of the HTTP API, and how to run it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
+
+from actors import names
+from novacron.config import Settings
+from novacron.errors import NovaCronError, Unavailable
+from novacron.store import Store
+from serve.api import build_app
+
+log = logging.getLogger("novacron.serve")
+
+APP_NAME = "novacron"
+app = build_app()
+
+
+class RayBackend:
+    """Reads the store file; calls the named controller actor."""
+
+    def __init__(self, namespace: str, store_path: str) -> None:
+        self.namespace = namespace
+        self.store = Store(store_path, readonly=True)
+        self._controller: Any = None
+
+    def _handle(self) -> Any:
+        if self._controller is None:
+            try:
+                self._controller = ray.get_actor(names.CONTROLLER, namespace=self.namespace)
+            except ValueError as exc:
+                raise Unavailable("the NovaCron controller is not running") from exc
+        return self._controller
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await getattr(self._handle(), method).remote(*args, **kwargs)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, NovaCronError):
+                raise exc.cause from None
+            raise
+        except (ActorDiedError, ActorUnavailableError) as exc:
+            self._controller = None
+            raise Unavailable("the NovaCron controller is restarting; try again") from exc
+
+    async def ready(self) -> bool:
+        try:
+            await self.call("ping")
+        except (Unavailable, GetTimeoutError):
+            return False
+        return True
+
+
+@serve.deployment(name="api", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                  max_ongoing_requests=200)
+@serve.ingress(app)
+class NovaCronAPI:
+    """The API's Serve replica."""
+
+    def __init__(self, namespace: str, store_path: str) -> None:
+        app.state.backend = RayBackend(namespace, store_path)
+
+
+def deploy(settings: Settings) -> None:
+    """Serve the API on ``settings.api_host:api_port`` (Serve outlives the calling driver)."""
+    serve.start(http_options={"host": settings.api_host, "port": settings.api_port})
+    api: Any = NovaCronAPI
+    serve.run(api.bind(settings.namespace, str(settings.store_path)), name=APP_NAME,
+              route_prefix="/", blocking=False)
+    log.info("API on http://%s:%d", settings.api_host, settings.api_port)
+
+
+def undeploy() -> None:
+    """Stop serving the API."""
+    serve.delete(APP_NAME)

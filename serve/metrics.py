@@ -1,0 +1,71 @@
+"""Prometheus metrics: API requests and latencies, VMs by state, host capacity and usage."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import Request, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+from novacron.store import Store
+
+REGISTRY = CollectorRegistry()
+REQUESTS = Counter("novacron_api_requests", "API requests served",
+                   ["method", "route", "status"], registry=REGISTRY)
+LATENCY = Histogram("novacron_api_request_seconds", "API request latency",
+                    ["method", "route"], registry=REGISTRY,
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+
+
+async def track(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Middleware: count and time every request by its route template."""
+    start = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    path = getattr(route, "path", "unmatched")
+    LATENCY.labels(request.method, path).observe(time.perf_counter() - start)
+    REQUESTS.labels(request.method, path, str(response.status_code)).inc()
+    return response
+
+
+def render(store: Store, host_stats: dict[str, dict[str, Any]]) -> Response:
+    """The exposition: request metrics plus a fresh snapshot of the fleet from the store."""
+    fleet = CollectorRegistry()
+    vms = Gauge("novacron_vms", "VMs by state", ["state"], registry=fleet)
+    capacity = Gauge("novacron_host_capacity", "Host capacity after overcommit",
+                     ["host", "resource"], registry=fleet)
+    allocated = Gauge("novacron_host_allocated", "Resources promised to VMs on a host",
+                      ["host", "resource"], registry=fleet)
+    up = Gauge("novacron_host_up", "1 if the host is up", ["host", "state"], registry=fleet)
+    cpu_load = Gauge("novacron_host_cpu_load", "Measured CPU load (0..1)", ["host"],
+                     registry=fleet)
+    memory_used = Gauge("novacron_host_memory_used_mib", "Measured memory in use", ["host"],
+                        registry=fleet)
+    for state in ("pending", "stopped", "starting", "running", "paused", "stopping",
+                  "migrating", "error", "unknown", "deleting"):
+        vms.labels(state).set(store.count("vm", where={"state": state}))
+    for record in store.all("host"):
+        host = record.data
+        name = host["name"]
+        oc = host.get("overcommit", {})
+        cap = host["capacity"]
+        for resource, ratio in (("cpus", oc.get("cpu", 1.0)), ("memory_mib", oc.get("memory", 1.0)),
+                                ("disk_gib", oc.get("disk", 1.0))):
+            capacity.labels(name, resource).set(cap[resource] * ratio)
+            allocated.labels(name, resource).set(host["allocated"][resource])
+        up.labels(name, host["state"]).set(1 if host["state"] == "up" else 0)
+        stats = host_stats.get(name)
+        if stats:
+            cpu_load.labels(name).set(stats.get("cpu_load", 0.0))
+            memory_used.labels(name).set(stats.get("memory_used_mib", 0))
+    body = generate_latest(REGISTRY) + generate_latest(fleet)
+    return Response(content=body, media_type=CONTENT_TYPE_LATEST)
