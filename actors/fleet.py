@@ -49,20 +49,27 @@ class RayFleet:
     def _record(host: Host) -> dict[str, Any]:
         return host.model_dump(mode="json")
 
+    @staticmethod
+    def _node_of(host: str) -> str | None:
+        """None when a Ray node advertises ``host``'s resource; else the controller's node (a
+        logical host, such as the embedded default's simulated ones, lives beside it)."""
+        nodes = ray.nodes()  # type: ignore[no-untyped-call]
+        if any(names.host_resource(host) in n.get("Resources", {}) for n in nodes
+               if n.get("Alive")):
+            return None
+        node_id: str = ray.get_runtime_context().get_node_id()
+        return node_id
+
     def probe_host(self, host: Host) -> dict[str, Any]:
-        record = self._record(host)
-        if not any(names.host_resource(host.name) in n.get("Resources", {})
-                   for n in ray.nodes() if n.get("Alive")):  # type: ignore[no-untyped-call]
-            # A logical host (no Ray node of its own): it lives on the controller's node.
-            record["node_id"] = ray.get_runtime_context().get_node_id()
-        info: dict[str, Any] = ray.get(
-            self._probe.options(**options.probe_options(record)).remote(record, self.state_dir))
-        return {**info, "node_id": record.get("node_id")}
+        opts = options.probe_options(host.name, self._node_of(host.name))
+        info: dict[str, Any] = ray.get(self._probe.options(**opts).remote(
+            self._record(host), self.state_dir))
+        return info
 
     def start_host(self, host: Host) -> None:
-        record = self._record(host)
-        self._host_actor_cls.options(**options.host_options(self.namespace, record)).remote(
-            record, self.namespace, self.state_dir, self.heartbeat_interval_s)
+        opts = options.host_options(self.namespace, host.name, self._node_of(host.name))
+        self._host_actor_cls.options(**opts).remote(
+            self._record(host), self.namespace, self.state_dir, self.heartbeat_interval_s)
 
     def stop_host(self, name: str) -> None:
         try:
@@ -74,10 +81,9 @@ class RayFleet:
     def converge_vm(self, vm: VM, host: Host) -> None:
         actor: Any = self._vm_actors.get(vm.id)
         if actor is None:
-            record = self._record(host)
-            actor = self._vm_actor_cls.options(
-                **options.vm_options(self.namespace, vm.id, record)).remote(
-                vm.id, record, self.namespace, self.state_dir, self.stop_timeout_s)
+            opts = options.vm_options(self.namespace, vm.id, host.name, self._node_of(host.name))
+            actor = self._vm_actor_cls.options(**opts).remote(
+                vm.id, self._record(host), self.namespace, self.state_dir, self.stop_timeout_s)
             self._vm_actors[vm.id] = actor
         actor.converge.remote(vm.model_dump(mode="json"))
 

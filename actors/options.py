@@ -21,24 +21,26 @@ def controller_options(namespace: str) -> dict[str, Any]:
             "num_cpus": 0, "max_concurrency": 32}
 
 
-def _placement(host: dict[str, Any]) -> dict[str, Any]:
-    """Pin to the Ray node that is this host: its custom resource, else its recorded node."""
-    if host.get("node_id"):
-        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(host["node_id"], soft=False)}
-    return {"resources": {names.host_resource(host["name"]): 0.001}}
+def placement(host: str, node_id: str | None) -> dict[str, Any]:
+    """Pin to the Ray node that is ``host`` (its custom resource) or, for a logical host with no
+    node of its own, to ``node_id`` (the controller's node)."""
+    if node_id is not None:
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)}
+    return {"resources": {names.host_resource(host): 0.001}}
 
 
-def host_options(namespace: str, host: dict[str, Any]) -> dict[str, Any]:
-    return {"name": names.host_actor(host["name"]), "namespace": namespace,
+def host_options(namespace: str, host: str, node_id: str | None) -> dict[str, Any]:
+    return {"name": names.host_actor(host), "namespace": namespace,
             "lifetime": "detached", "get_if_exists": True, "max_restarts": -1,
-            "max_task_retries": -1, "num_cpus": 0, "max_concurrency": 4, **_placement(host)}
+            "max_task_retries": -1, "num_cpus": 0, "max_concurrency": 4,
+            **placement(host, node_id)}
 
 
-def vm_options(namespace: str, vm_id: str, host: dict[str, Any]) -> dict[str, Any]:
+def vm_options(namespace: str, vm_id: str, host: str, node_id: str | None) -> dict[str, Any]:
     return {"name": names.vm_actor(vm_id), "namespace": namespace, "lifetime": "detached",
             "get_if_exists": True, "max_restarts": -1, "max_task_retries": -1, "num_cpus": 0,
-            "max_concurrency": 4, **_placement(host)}
+            "max_concurrency": 4, **placement(host, node_id)}
 
 
-def probe_options(host: dict[str, Any]) -> dict[str, Any]:
-    return {"num_cpus": 0, "max_retries": 0, **_placement(host)}
+def probe_options(host: str, node_id: str | None) -> dict[str, Any]:
+    return {"num_cpus": 0, "max_retries": 0, **placement(host, node_id)}

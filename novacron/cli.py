@@ -23,7 +23,7 @@ from novacron.config import Settings
 from novacron.errors import InvalidRequest, NovaCronError, OperationTimeout, Unavailable
 from novacron.model import VM, Host
 
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 log = logging.getLogger("novacron.cli")
 
@@ -73,20 +73,23 @@ def start_ray_head(settings: Settings) -> str:
     return address
 
 
-def stop_ray_head(settings: Settings) -> int:
-    """Stop the Ray processes of this state dir's cluster only; how many were signalled."""
+def stop_ray_head(settings: Settings, node_ids: Sequence[str] = ()) -> int:
+    """Stop the Ray processes of this state dir's cluster only; how many were signalled.
+
+    They are found by the cluster's temp dir or node ids on their command lines, with every
+    descendant (Ray's workers do not carry either).
+    """
     import psutil
 
-    marker = str(ray_temp_dir(settings.state_dir))
+    markers = [str(ray_temp_dir(settings.state_dir)), *(f"--node-id={n}" for n in node_ids)]
     procs = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(marker in part for part in proc.info["cmdline"] or ()):
+            cmdline = " ".join(proc.info["cmdline"] or ())
+            if any(marker in cmdline for marker in markers):
                 procs.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-    # Ray workers of that cluster do not carry the temp dir on their command line, but are the
-    # raylet's children: take the whole trees.
     tree = {p.pid: p for p in procs}
     for proc in procs:
         try:
@@ -171,6 +174,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
     address = _address(args, settings)
     result = {"vms": 0, "guests_stopped": 0}
+    node_ids: list[str] = []
     try:
         _ray_init(address, settings.namespace)
     except ConnectionError:
@@ -185,8 +189,9 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
             serve.shutdown()  # type: ignore[no-untyped-call]
         import ray
 
+        node_ids = [n["NodeID"] for n in ray.nodes()]  # type: ignore[no-untyped-call]
         ray.shutdown()
-    stopped = stop_ray_head(settings)
+    stopped = stop_ray_head(settings, node_ids)
     _cluster_file(settings).unlink(missing_ok=True)
     guests = (f"{result['guests_stopped']} guest(s) stopped" if args.stop_guests
               else "guests left running")
@@ -440,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "=" not in kv:
             parser.error(f"--label takes key=value, got {kv!r}")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # the head and every client must agree
     try:
         settings = _settings(args)
         code: int = args.func(args, settings)

@@ -8,6 +8,7 @@ handles that act on them. Errors are NovaCron's own exceptions, unwrapped from R
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -198,6 +199,7 @@ def connect(address: str = "auto", *, namespace: str = "novacron",
             timeout_s: float = 60.0) -> NovaCron:
     """Attach to the cluster at ``address``; Unavailable if NovaCron is not running there."""
     if not ray.is_initialized():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `novacron up` starts Ray
         try:
             ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,
                      log_to_driver=False)

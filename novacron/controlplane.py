@@ -47,7 +47,7 @@ class Fleet(Protocol):
     """How the control plane reaches hosts and VMs."""
 
     def probe_host(self, host: Host) -> dict[str, Any]:
-        """Connect to a new host's hypervisor; its HostInfo fields plus ``node_id``."""
+        """Connect to a new host's hypervisor; its HostInfo fields."""
         ...
 
     def start_host(self, host: Host) -> None:
@@ -157,7 +157,7 @@ class ControlPlane:
         probed = self.fleet.probe_host(draft)
         capacity = req.capacity or Resources(cpus=probed["cpus"], memory_mib=probed["memory_mib"],
                                              disk_gib=probed["disk_gib"])
-        host = draft.model_copy(update={"capacity": capacity, "node_id": probed.get("node_id")})
+        host = draft.model_copy(update={"capacity": capacity})
         record = self.store.create("host", host.name, _dump(host))
         host = host_from(record)
         with self._lock:

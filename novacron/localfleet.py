@@ -53,7 +53,7 @@ class LocalFleet:
             info = HostAgent(host.name, driver, self._reporter()).info()
         finally:
             driver.close()
-        return {**info, "node_id": None}
+        return info
 
     def start_host(self, host: Host) -> None:
         if host.name not in self._hosts:

@@ -159,7 +159,6 @@ class Host(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
     state: HostState = HostState.UP
-    node_id: str | None = None  # the Ray node its HostActor and VMActors are pinned to
     created_at: float = Field(default_factory=time.time)
     revision: int = 0
 

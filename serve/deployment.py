@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import ray
+from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
 
@@ -18,7 +19,6 @@ from serve.api import build_app
 log = logging.getLogger("novacron.serve")
 
 APP_NAME = "novacron"
-app = build_app()
 
 
 class RayBackend:
@@ -58,12 +58,17 @@ class RayBackend:
 
 @serve.deployment(name="api", num_replicas=1, ray_actor_options={"num_cpus": 0},
                   max_ongoing_requests=200)
-@serve.ingress(app)
+@serve.ingress()
 class NovaCronAPI:
-    """The API's Serve replica."""
+    """The API's Serve replica: builds the FastAPI app around its own backend."""
 
     def __init__(self, namespace: str, store_path: str) -> None:
-        app.state.backend = RayBackend(namespace, store_path)
+        self.backend = RayBackend(namespace, store_path)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = build_app()
+        app.state.backend = self.backend
+        return app
 
 
 def deploy(settings: Settings) -> None:
