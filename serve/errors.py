@@ -51,7 +51,8 @@ def error_response(status: int, code: str, message: str,
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
-    return [{"field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
+    return [{"field": "body" if err.get("type") == "json_invalid" else
+             ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
              "problem": err.get("msg", ""), "type": err.get("type", "")}
             for err in exc.errors()]
 
