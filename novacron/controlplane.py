@@ -416,6 +416,10 @@ class ControlPlane:
                 unreachable.add(host.name)
                 if host.state != HostState.UNREACHABLE:
                     self._mark_unreachable(host)
+                try:
+                    self.fleet.start_host(host)  # its agent may have died for good
+                except Exception:
+                    log.exception("could not restart the agent of host %s", host.name)
         for vm in self.list_vms():
             if vm.host in unreachable or not unsettled(vm):
                 continue

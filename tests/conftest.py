@@ -18,7 +18,7 @@ def kill_guests_under(path: Path) -> int:
     for proc in psutil.process_iter(["cmdline"]):
         try:
             cmdline = " ".join(proc.info["cmdline"] or ())
-            if "novacron.drivers.simguest" in cmdline and marker in cmdline:
+            if "simguest" in cmdline and marker in cmdline:
                 os.kill(proc.pid, signal.SIGKILL)
                 killed += 1
         except (psutil.NoSuchProcess, psutil.AccessDenied, ProcessLookupError):
@@ -40,3 +40,16 @@ def sim_host_config(state_dir: Path, cpus: int = 8, memory_mib: int = 16384,
     """The config of a sim host whose guest memory lives under ``state_dir``."""
     return {"capacity": {"cpus": cpus, "memory_mib": memory_mib, "disk_gib": disk_gib},
             "memory_dir": str(state_dir / "shm")}
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray instance for the whole test session (integration and e2e tiers)."""
+    import logging
+
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, namespace="novacron-tests",
+             logging_level=logging.WARNING, log_to_driver=False)
+    yield
+    ray.shutdown()
