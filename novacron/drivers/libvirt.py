@@ -672,10 +672,13 @@ class LibvirtDriver(Driver):
 
     def _event(self, vm_id: str, event: int) -> GuestEvent:
         name = _EVENTS.get(event, f"event-{event}")
-        dom = self._lookup(vm_id)
-        if dom is None:
+        try:
+            dom = self._lookup(vm_id)
+            info = None if dom is None else self._info(dom, vm_id)
+        except NotFound:  # undefined while being read
+            info = None
+        if info is None:
             return GuestEvent(vm_id=vm_id, state=VMState.DELETED, reason="undefined", event=name)
-        info = self._info(dom, vm_id)
         return GuestEvent(vm_id=vm_id, state=info.state, reason=info.reason, event=name,
                           epoch=info.epoch)
 
