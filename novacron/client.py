@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -195,10 +196,23 @@ class NovaCron:
         return status
 
 
+def _require_reachable(address: str) -> None:
+    """Fail fast (Ray itself retries for minutes) when a ``host:port`` address is not listening."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        raise Unavailable(f"nothing answers at {address} ({exc.strerror or exc}): is NovaCron "
+                          "up? (start it with: novacron up)", details={"address": address}) from exc
+
+
 def connect(address: str = "auto", *, namespace: str = "novacron",
             timeout_s: float = 60.0) -> NovaCron:
     """Attach to the cluster at ``address``; Unavailable if NovaCron is not running there."""
     if not ray.is_initialized():
+        _require_reachable(address)
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `novacron up` starts Ray
         try:
             ray.init(address=address, namespace=namespace, logging_level=logging.WARNING,

@@ -135,7 +135,8 @@ class ControlPlane:
 
     # -- startup ----------------------------------------------------------------------------
     def start(self) -> None:
-        """Bring every stored host's agent up; VMs converge on the next reconcile pass."""
+        """Bring every stored host's agent up, then every VM's agent, which re-attaches to its
+        guest and reports what it finds."""
         now = self.clock()
         for host in self.list_hosts():
             self._last_seen[host.name] = now  # a grace period after a (re)start
@@ -143,6 +144,10 @@ class ControlPlane:
                 self.fleet.start_host(host)
             except Exception:
                 log.exception("could not start the agent of host %s", host.name)
+        for vm in self.list_vms():
+            if vm.host is not None:
+                self._inflight[vm.id] = now + self.converge_timeout_s
+                self._converge(vm)
 
     # -- hosts ------------------------------------------------------------------------------
     def register_host(self, req: HostCreate) -> Host:
