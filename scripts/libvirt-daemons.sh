@@ -71,7 +71,7 @@ start_system() {
         return
     fi
     mkdir -p "$dir" /run/libvirt
-    if ! alive /run/virtlogd.pid; then
+    if ! alive "$dir/virtlogd.pid" && ! alive /run/virtlogd.pid; then
         virtlogd -d --pid-file "$dir/virtlogd.pid"
         wait_for 10 test -S /run/libvirt/virtlogd-sock || die "virtlogd did not start"
     fi

@@ -12,6 +12,7 @@ reboot send.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import re
 import shutil
@@ -100,14 +101,18 @@ def missing_requirements() -> list[str]:
 
 
 def build_guest(out: Path) -> GuestFiles:
-    """Build (or reuse, when newer than the kernel package) the guest's kernel and initrd."""
+    """Build the guest's kernel and initrd into ``out`` (reused while their inputs match)."""
     deb = kernel_deb()
     if deb is None:
         raise FileNotFoundError(f"no linux-image-*-cloud-amd64 .deb in {DEB_CACHE}")
     out.mkdir(parents=True, exist_ok=True)
     files = GuestFiles(kernel=out / "vmlinuz", initrd=out / "initrd.img")
-    if all(p.is_file() and p.stat().st_mtime > deb.stat().st_mtime
-           for p in (files.kernel, files.initrd)):
+    stamp = out / "inputs.sha256"
+    inputs = hashlib.sha256("\0".join(
+        (deb.name, str(deb.stat().st_size), _INIT, _POWER_BUTTON, *_MODULES)).encode()
+    ).hexdigest()
+    if (files.kernel.is_file() and files.initrd.is_file() and stamp.is_file()
+            and stamp.read_text() == inputs):
         return files
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         extracted = Path(tmp) / "deb"
@@ -135,6 +140,7 @@ def build_guest(out: Path) -> GuestFiles:
         os.replace(tmp_initrd, files.initrd)
     for path in (files.kernel, files.initrd):
         path.chmod(0o644)
+    stamp.write_text(inputs)
     return files
 
 

@@ -993,22 +993,9 @@ class LibvirtDriver(Driver):
         """The directory pool ``name`` (default: the guest pool), defined, built, started and
         autostarted at ``path`` if missing, started if inactive."""
         name = name or self.settings.pool
-        pool = self._pool_or_none(name)
+        spec = Pool(name=name, path=path or self.settings.pool_path)
         with translate(f"cannot set up storage pool {name!r}", pool=name):
-            if pool is None:
-                target = path or self.settings.pool_path
-                pool = self._c().storagePoolDefineXML(Pool(name=name, path=target).to_xml(), 0)
-                try:
-                    pool.build(0)
-                    pool.create(0)
-                    pool.setAutostart(1)
-                except libvirt.libvirtError:
-                    with contextlib.suppress(libvirt.libvirtError):
-                        pool.undefine()
-                    raise
-                log.info("created storage pool %s at %s on %s", name, target, self.host)
-            elif not pool.isActive():
-                pool.create(0)
+            pool = _ensure_dir_pool(self._c(), spec, self.host, check_path=path is not None)
             return Pool.from_xml(pool.XMLDesc(0))
 
     def pool_info(self, name: str | None = None) -> Pool:
@@ -1021,9 +1008,16 @@ class LibvirtDriver(Driver):
     def list_volumes(self, pool: str | None = None) -> builtins.list[Volume]:
         """The volumes of a pool."""
         p = self._pool(pool)
+        volumes = []
         with translate(f"cannot list volumes of pool {p.name()!r}"):
-            return sorted((Volume.from_xml(v.XMLDesc(0)) for v in p.listAllVolumes(0)),
-                          key=lambda v: v.name)
+            p.refresh(0)  # another host may have changed shared storage
+            for vol in p.listAllVolumes(0):
+                try:
+                    volumes.append(Volume.from_xml(vol.XMLDesc(0)))
+                except libvirt.libvirtError as err:
+                    if not is_code(err, libvirt.VIR_ERR_NO_STORAGE_VOL):  # deleted meanwhile
+                        raise
+        return sorted(volumes, key=lambda v: v.name)
 
     def volume_info(self, name: str, *, pool: str | None = None) -> Volume:
         """One volume."""
@@ -1225,14 +1219,24 @@ class LibvirtDriver(Driver):
     def _migrate(self, dom: Any, vm_id: str, dest: LibvirtURI, flags: int,
                  params: dict[str, Any], meta: Metadata, *, epoch: int | None,
                  copy_storage: bool, max_downtime_ms: int | None) -> GuestInfo:
+        """Run a peer-to-peer migration. The destination gets the guest's storage pools (same
+        names and paths) so that it can manage the guest's volumes afterwards."""
+        volumes = self.guest_volumes(vm_id)
         with self._peer(dest) as peer:
+            peer_pools: dict[str, Any] = {}
             created: list[Any] = []
-            sources = self.guest_volumes(vm_id) if copy_storage else []
             self._migrating.add(vm_id)
             started = time.monotonic()
             try:
-                for volume in sources:
-                    created.append(self._prepare_copy_target(peer, dest, volume))
+                with translate(f"cannot prepare storage on {dest.raw}", dest_uri=dest.raw):
+                    for volume in volumes:
+                        pool = self._pool_of(volume.path)
+                        if pool.name not in peer_pools:
+                            peer_pools[pool.name] = _ensure_dir_pool(peer, pool, dest.raw)
+                        if copy_storage:  # an empty volume of the same size to copy into
+                            spec = Volume(name=volume.name, capacity_bytes=volume.capacity_bytes,
+                                          format=volume.format)
+                            created.append(peer_pools[pool.name].createXML(spec.to_xml(), 0))
                 with translate(f"cannot migrate guest {vm_id} to {dest.raw}", vm_id=vm_id,
                                dest_uri=dest.raw):
                     if max_downtime_ms is not None:
@@ -1247,9 +1251,12 @@ class LibvirtDriver(Driver):
                 self._migrating.discard(vm_id)
             log.info("migrated %s from %s to %s in %.2f s", domain_name(vm_id), self.host,
                      dest.raw, time.monotonic() - started)
-            for volume in sources:
-                self._delete_volume_path(volume.path)
+            if copy_storage:
+                for volume in volumes:
+                    self._delete_volume_path(volume.path)
             with translate(f"cannot find guest {vm_id} on {dest.raw}", vm_id=vm_id):
+                for peer_pool in peer_pools.values():
+                    peer_pool.refresh(0)  # shared storage: learn the guest's files
                 moved = peer.lookupByName(domain_name(vm_id))
                 if epoch is not None and epoch != meta.epoch:
                     new_meta = Metadata(vm_id=vm_id, epoch=epoch, name=meta.name,
@@ -1261,28 +1268,11 @@ class LibvirtDriver(Driver):
             return GuestInfo(vm_id=vm_id, state=vm_state, guest_id=moved.UUIDString(),
                              epoch=meta.epoch if epoch is None else epoch, reason=why)
 
-    def _prepare_copy_target(self, peer: Any, dest: LibvirtURI, volume: Volume) -> Any:
-        """Create on the destination, in the same-named pool at the same path, an empty volume
-        of the same size for copy-storage to fill."""
-        with translate(f"cannot read the pool of {volume.path}"):
-            pool = self._c().storageVolLookupByPath(volume.path).storagePoolLookupByVolume()
-            source_pool = Pool.from_xml(pool.XMLDesc(0))
-        with translate(f"cannot prepare {volume.name} on {dest.raw}", dest_uri=dest.raw):
-            target = self._child_or_none(peer.storagePoolLookupByName, source_pool.name)
-            if target is None:
-                target = peer.storagePoolDefineXML(source_pool.to_xml(), 0)
-                target.build(0)
-                target.create(0)
-                target.setAutostart(1)
-            elif not target.isActive():
-                target.create(0)
-            if Pool.from_xml(target.XMLDesc(0)).path != source_pool.path:
-                raise InvalidRequest(
-                    f"pool {source_pool.name!r} has another path on {dest.raw}; copy-storage"
-                    " keeps disk paths", details={"pool": source_pool.name})
-            spec = Volume(name=volume.name, capacity_bytes=volume.capacity_bytes,
-                          format=volume.format)
-            return target.createXML(spec.to_xml(), 0)
+    def _pool_of(self, path: str) -> Pool:
+        """The pool holding the volume at ``path``."""
+        with translate(f"cannot read the pool of {path}"):
+            pool = self._c().storageVolLookupByPath(path).storagePoolLookupByVolume()
+            return Pool.from_xml(pool.XMLDesc(0))
 
     @contextlib.contextmanager
     def _peer(self, dest: LibvirtURI) -> Iterator[Any]:
@@ -1482,6 +1472,7 @@ class LibvirtDriver(Driver):
             return []
         prefix = f"{domain_name(vm_id)}-disk"
         with translate(f"cannot list volumes of pool {self.settings.pool!r}"):
+            pool.refresh(0)
             return [v.path() for v in pool.listAllVolumes(0) if v.name().startswith(prefix)]
 
     def _volume_by_path(self, path: str) -> Any:
@@ -1533,6 +1524,35 @@ class LibvirtDriver(Driver):
             with contextlib.suppress(libvirt.libvirtError):
                 stream.abort()
             raise
+
+
+def _ensure_dir_pool(conn: Any, spec: Pool, where: str, *, check_path: bool = True) -> Any:
+    """The pool ``spec.name`` on ``conn``: defined, built, started and autostarted at
+    ``spec.path`` if missing, started if inactive. With ``check_path``, an existing pool must be
+    at ``spec.path``. Raises libvirt errors."""
+    try:
+        pool = conn.storagePoolLookupByName(spec.name)
+    except libvirt.libvirtError as err:
+        if not is_code(err, libvirt.VIR_ERR_NO_STORAGE_POOL):
+            raise
+        pool = conn.storagePoolDefineXML(spec.to_xml(), 0)
+        try:
+            pool.build(0)
+            pool.create(0)
+            pool.setAutostart(1)
+        except libvirt.libvirtError:
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.undefine()
+            raise
+        log.info("created storage pool %s at %s on %s", spec.name, spec.path, where)
+        return pool
+    if not pool.isActive():
+        pool.create(0)
+    if check_path and (found := Pool.from_xml(pool.XMLDesc(0)).path) != spec.path:
+        raise InvalidRequest(
+            f"storage pool {spec.name!r} on {where} is at {found}, not {spec.path}",
+            details={"pool": spec.name, "path": found, "expected": spec.path})
+    return pool
 
 
 def _affect(dom: Any) -> int:
