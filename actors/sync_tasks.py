@@ -1,0 +1,419 @@
+"""Delta sync as Ray tasks, and ``sync_file``, the driver that runs one sync through them.
+
+The tasks wrap the steps of ``novacron.migration.delta``. Hashing, the heavy part, runs on both
+hosts in parallel, one range per task and ``parallelism`` tasks per host. Each range is planned
+by the driver as soon as both sides' digests are in; it is encoded on the source and applied on
+the target (small tasks that run beside the hashing), its frames travelling through the Ray
+object store, paced by the bandwidth cap. Written ranges become durable with one flush of the
+target per second or so, and only then enter the checkpoint handed to ``on_checkpoint``.
+
+Tasks run on their host's Ray node, placed by ``actors.options.placement``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
+
+import ray
+from ray import ObjectRef
+
+from actors.options import placement
+from novacron.errors import InvalidRequest
+from novacron.migration.blocks import Geometry, RangeHashes, hash_range
+from novacron.migration.codecs import choose_zstd_level
+from novacron.migration.delta import (
+    IMAGE,
+    ApplyResult,
+    BlockIndex,
+    EncodeStats,
+    RangePlan,
+    SyncCheckpoint,
+    SyncReport,
+    apply_batch,
+    encode_range,
+    plan_range,
+)
+from novacron.migration.throttle import TokenBucket
+
+log = logging.getLogger("novacron.migration")
+
+FLUSH_INTERVAL_S = 1.0  # how often written ranges are made durable and checkpointed
+
+
+@ray.remote(num_cpus=0)
+def stat_image(path: str) -> int:
+    """Size of an image (0 when missing)."""
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
+@ray.remote(num_cpus=0)
+def prepare_target(path: str, size: int) -> None:
+    """Create the target image if missing and give it the source's size."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_size != size:
+            os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+@ray.remote(num_cpus=1, num_returns=2)
+def hash_task(
+    path: str, geometry: Geometry, r: int, strong: bool, keep_leaves: bool
+) -> tuple[RangeHashes, bytes]:
+    """Digests of one range, and apart from them its BLAKE3 leaves when ``keep_leaves`` (the
+    target keeps them, on its own node, for the apply). One task kind for every side, so that
+    Ray reuses its workers from one range to the next."""
+    hashes = hash_range(path, geometry, r, strong=strong)
+    return replace(hashes, leaves=b""), hashes.leaves if keep_leaves else b""
+
+
+@ray.remote(num_cpus=0, num_returns=2)
+def encode_task(
+    path: str, geometry: Geometry, plan: RangePlan, level: int
+) -> tuple[bytes, EncodeStats]:
+    """The frame batch of a range plan, read and compressed on the source."""
+    return encode_range(path, geometry, plan, level)
+
+
+@ray.remote(num_cpus=0)
+def apply_task(
+    path: str, geometry: Geometry, r: int, batch: bytes, leaves: bytes, seeds: Sequence[str]
+) -> ApplyResult:
+    """Apply a batch to the target; leaves come back only when a second batch must follow."""
+    result = apply_batch(path, geometry, r, batch, leaves, seeds)
+    return result if result.misses else replace(result, leaves=b"")
+
+
+@ray.remote(num_cpus=0)
+def flush_target(path: str) -> None:
+    """Make the writes to the target image durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pin(host: str | None, host_nodes: Mapping[str, str]) -> dict[str, Any]:
+    return placement(host, host_nodes.get(host)) if host is not None else {}
+
+
+@dataclass
+class _Pending:
+    """A task in flight: its kind, range and context."""
+
+    kind: str  # src, dst, seed (hashing); encode, apply, flush
+    r: int
+    context: Any = None
+
+
+_HASHING = ("src", "dst", "seed")
+
+
+class _SyncRun:
+    """State of one ``sync_file`` call; every Ray call of the sync sits in this class.
+
+    Seeds are hashed first; each range is planned once both sides' digests are in, local copies
+    being looked up in the seeds and in the target ranges hashed so far.
+    """
+
+    def __init__(
+        self,
+        src: str,
+        dst: str,
+        state: SyncCheckpoint,
+        *,
+        parallelism: int,
+        level: int,
+        seeds: Sequence[str],
+        seed_geometries: Sequence[Geometry],
+        bucket: TokenBucket | None,
+        pins: tuple[dict[str, Any], dict[str, Any]],
+        one_host: bool,
+        on_checkpoint: Callable[[SyncCheckpoint], None] | None,
+        durable: bool,
+    ) -> None:
+        self.src, self.dst, self.geometry = src, dst, state.geometry
+        self.checkpoint = state
+        # Hashing tasks in flight per host: one queued beyond the running ones, so that a worker
+        # never waits for the driver and the driver (not Ray's queue) picks what runs next.
+        self.depth = parallelism + 1
+        self.level = level
+        self.seeds = list(seeds)
+        self.bucket = bucket
+        self.src_pin, self.dst_pin = pins
+        self.one_host = one_host
+        self.on_checkpoint = on_checkpoint
+        self.durable = durable
+        self.report = SyncReport(state.geometry, level, ranges=state.geometry.n_ranges)
+        self.kinds: Counter[str] = Counter()
+        self.pending: dict[ObjectRef[Any], _Pending] = {}
+        self.in_flight: Counter[str] = Counter()
+        self.todo: dict[str, deque[Any]] = {kind: deque() for kind in _HASHING}
+        pending_ranges = state.pending()
+        self.report.ranges_resumed = state.geometry.n_ranges - len(pending_ranges)
+        for k, geo in enumerate(seed_geometries, start=1):
+            self.todo["seed"].extend((k, geo, r) for r in range(geo.n_ranges))
+        self.todo["dst"].extend(pending_ranges)
+        self.todo["src"].extend(pending_ranges)
+        self.src_hashes: dict[int, RangeHashes] = {}
+        self.dst_hashes: dict[int, RangeHashes] = {}
+        self.src_digests: dict[int, bytes] = {}
+        self.dst_leaves: dict[int, ObjectRef[Any] | bytes] = {}
+        self.index = BlockIndex()
+        self.encode_queue: deque[RangePlan] = deque()
+        self.apply_queue: deque[tuple[int, ObjectRef[Any], EncodeStats]] = deque()
+        self.unflushed: list[tuple[int, bytes]] = []
+        self.last_flush = time.monotonic()
+
+    def run(self) -> SyncReport:
+        try:
+            self._submit()
+            while self.pending:
+                ray.wait(list(self.pending), num_returns=1, fetch_local=False)
+                ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
+                for ref in ready:
+                    task = self.pending.pop(ref)
+                    self.in_flight[task.kind] -= 1
+                    self._done(ref, task)
+                self._submit()
+        except BaseException:
+            for ref in self.pending:
+                ray.cancel(ref)
+            raise
+        self.report.blocks = dict(self.kinds)
+        if self.checkpoint.complete:
+            self.report.image_digest = self.checkpoint.image_digest().hex()
+        return self.report
+
+    @property
+    def seeds_hashed(self) -> bool:
+        return not (self.todo["seed"] or self.in_flight["seed"])
+
+    def _track(self, ref: ObjectRef[Any], task: _Pending) -> None:
+        self.pending[ref] = task
+        self.in_flight[task.kind] += 1
+
+    def _room(self, kind: str) -> bool:
+        """Whether the host that runs ``kind`` (a hashing kind) can take one more task."""
+        if self.one_host:
+            busy = sum(self.in_flight[k] for k in _HASHING)
+        elif kind == "src":
+            busy = self.in_flight["src"]
+        else:
+            busy = self.in_flight["dst"] + self.in_flight["seed"]
+        return busy < self.depth
+
+    def _hash(self, kind: str, path: str, geometry: Geometry, r: int, context: Any = None) -> None:
+        pin = self.src_pin if kind == "src" else self.dst_pin
+        refs = hash_task.options(**pin).remote(path, geometry, r, kind != "seed", kind == "dst")
+        digests, leaves = cast("list[ObjectRef[Any]]", refs)
+        self._track(digests, _Pending(kind, r, context))
+        if kind == "dst":
+            self.dst_leaves[r] = leaves
+
+    def _submit(self) -> None:
+        """Start what can start: applies and encodes (small), a flush when due, then hashing of
+        the seeds and of the side that is behind."""
+        while self.apply_queue and self.in_flight["apply"] < self.depth:
+            r, batch, encoded = self.apply_queue.popleft()
+            if self.bucket is not None:
+                self.bucket.acquire(encoded.size)
+            leaves = self.dst_leaves[r]
+            applied = apply_task.options(**self.dst_pin).remote(
+                self.dst, self.geometry, r, batch, leaves, self.seeds
+            )
+            self._track(applied, _Pending("apply", r))
+        while self.encode_queue and self.in_flight["encode"] < self.depth:
+            plan = self.encode_queue.popleft()
+            refs = encode_task.options(**self.src_pin).remote(
+                self.src, self.geometry, plan, self.level
+            )
+            batch, stats = cast("list[ObjectRef[Any]]", refs)
+            self._track(stats, _Pending("encode", plan.range_index, batch))
+        self._maybe_flush()
+        while self.todo["seed"] and self._room("seed"):
+            k, geo, r = self.todo["seed"].popleft()
+            self._hash("seed", self.seeds[k - 1], geo, r, (k, geo))
+        while True:
+            sides = [s for s in ("dst", "src") if self.todo[s] and self._room(s)]
+            if not sides:
+                return
+            side = max(sides, key=lambda s: len(self.todo[s]))
+            self._hash(
+                side,
+                self.dst if side == "dst" else self.src,
+                self.geometry,
+                self.todo[side].popleft(),
+            )
+
+    def _maybe_flush(self) -> None:
+        """Flush the target once a second, and at the end, when written ranges wait for it."""
+        if not self.unflushed or self.in_flight["flush"]:
+            return
+        others = len(self.pending)
+        due = time.monotonic() - self.last_flush >= FLUSH_INTERVAL_S
+        if not (due or others == 0):
+            return
+        ranges, self.unflushed = self.unflushed, []
+        flushed = flush_target.options(**self.dst_pin).remote(self.dst)
+        self._track(flushed, _Pending("flush", -1, ranges))
+        self.last_flush = time.monotonic()
+
+    def _plan(self, r: int) -> None:
+        """Plan range ``r`` once both sides are hashed (and the seeds, for local copies)."""
+        if r not in self.src_hashes or r not in self.dst_hashes or not self.seeds_hashed:
+            return
+        src, dst = self.src_hashes.pop(r), self.dst_hashes.pop(r)
+        plan = plan_range(src, dst, self.index)
+        moved = len(plan.zero) + len(plan.copy) + len(plan.send)
+        self.report.blocks_unchanged += src.n_blocks - moved
+        if plan.empty:
+            self.dst_leaves.pop(r, None)
+            self._verified(r, src.digest, dst.digest, written=False)
+        else:
+            self.src_digests[r] = src.digest
+            self.encode_queue.append(plan)
+
+    def _verified(self, r: int, source: bytes, target: bytes, *, written: bool) -> None:
+        if target != source:
+            log.warning("range %d of %s does not match its source after the sync", r, self.dst)
+            self.report.ranges_unverified.append(r)
+        elif written and self.durable:
+            self.unflushed.append((r, target))
+        else:
+            self._record([(r, target)])
+
+    def _record(self, ranges: list[tuple[int, bytes]]) -> None:
+        for r, digest in ranges:
+            self.checkpoint.mark_done(r, digest)
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(self.checkpoint)
+
+    def _done(self, ref: ObjectRef[Any], task: _Pending) -> None:
+        r, report = task.r, self.report
+        if task.kind in _HASHING:
+            hashes: RangeHashes = ray.get(ref)
+            if task.kind == "seed":
+                k, geometry = task.context
+                self.index.add(k, hashes)
+                report.bytes_read += geometry.range_extent(r)[1]
+                if self.seeds_hashed:
+                    for both in sorted(self.src_hashes.keys() & self.dst_hashes.keys()):
+                        self._plan(both)
+                return
+            report.bytes_read += self.geometry.range_extent(r)[1]
+            if task.kind == "dst":
+                self.dst_hashes[r] = hashes
+                self.index.add(IMAGE, hashes)
+                report.bytes_received += hashes.wire_size
+            else:
+                self.src_hashes[r] = hashes
+            self._plan(r)
+        elif task.kind == "encode":
+            encoded: EncodeStats = ray.get(ref)
+            report.bytes_sent += encoded.size
+            report.bytes_read += encoded.bytes_read
+            self.kinds.update(encoded.kinds)
+            self.apply_queue.append((r, task.context, encoded))
+        elif task.kind == "apply":
+            result: ApplyResult = ray.get(ref)
+            report.bytes_received += len(result.digest) + len(result.leaves)
+            if result.misses:
+                report.misses += len(result.misses)
+                self.kinds.subtract({"LOCAL_COPY": len(result.misses)})
+                self.dst_leaves[r] = result.leaves
+                self.encode_queue.append(RangePlan(r, send=result.misses))
+            else:
+                self.dst_leaves.pop(r, None)
+                self._verified(r, self.src_digests.pop(r), result.digest, written=True)
+        else:
+            ray.get(ref)
+            self._record(task.context)
+
+
+def sync_file(
+    src_path: str | os.PathLike[str],
+    dst_path: str | os.PathLike[str],
+    *,
+    parallelism: int = 2,
+    checkpoint: SyncCheckpoint | None = None,
+    bandwidth_cap: float | None = None,
+    link_bandwidth: float | None = None,
+    seeds: Sequence[str | os.PathLike[str]] = (),
+    source_host: str | None = None,
+    target_host: str | None = None,
+    host_nodes: Mapping[str, str] | None = None,
+    on_checkpoint: Callable[[SyncCheckpoint], None] | None = None,
+    durable: bool = True,
+) -> SyncReport:
+    """Make ``dst_path`` (on ``target_host``) a copy of ``src_path`` (on ``source_host``).
+
+    ``parallelism`` is the number of tasks each host runs at once (the parallel streams);
+    ``source_host`` and ``target_host`` pin them to those hosts' Ray nodes (``host_nodes`` maps a
+    logical host that has no node of its own to the node id it lives on). ``bandwidth_cap``
+    (bytes/s) holds the frames to a budget; the zstd level follows the lower of the cap and
+    ``link_bandwidth`` (the measured link speed). ``seeds`` are files on the target host whose
+    blocks are copied locally instead of sent (an earlier copy, the template image). Resuming with
+    ``checkpoint`` skips its verified ranges; the checkpoint of this run is passed to
+    ``on_checkpoint`` as ranges are verified (and, when ``durable``, flushed to disk on the target
+    host, about once a second). The report says whether the whole image was
+    verified (``report.verified``); an unverified range (the source changed meanwhile) is left out
+    of the checkpoint so that a second call redoes it.
+    """
+    if parallelism < 1:
+        raise InvalidRequest("parallelism must be at least 1", details={"parallelism": parallelism})
+    started = time.perf_counter()
+    src, dst = os.fspath(src_path), os.fspath(dst_path)
+    seed_paths = [os.fspath(s) for s in seeds]
+    nodes = host_nodes or {}
+    src_pin, dst_pin = _pin(source_host, nodes), _pin(target_host, nodes)
+    size: int = ray.get(stat_image.options(**src_pin).remote(src))
+    seed_sizes: list[int] = ray.get([stat_image.options(**dst_pin).remote(s) for s in seed_paths])
+    if checkpoint is not None:
+        if checkpoint.geometry.image_size != size:
+            raise InvalidRequest(
+                "checkpoint is for an image of another size",
+                details={"checkpoint": checkpoint.geometry.image_size, "image": size},
+            )
+        state = SyncCheckpoint(checkpoint.geometry, dict(checkpoint.done))
+    else:
+        state = SyncCheckpoint(Geometry.for_size(size))
+    geometry = state.geometry
+    ray.get(prepare_target.options(**dst_pin).remote(dst, size))
+    caps = [b for b in (bandwidth_cap, link_bandwidth) if b is not None]
+    run = _SyncRun(
+        src,
+        dst,
+        state,
+        parallelism=parallelism,
+        level=choose_zstd_level(min(caps) if caps else None),
+        seeds=seed_paths,
+        seed_geometries=[
+            Geometry(s, geometry.block_size, geometry.range_blocks) for s in seed_sizes
+        ],
+        bucket=TokenBucket(bandwidth_cap) if bandwidth_cap is not None else None,
+        pins=(src_pin, dst_pin),
+        one_host=source_host == target_host,
+        on_checkpoint=on_checkpoint,
+        durable=durable,
+    )
+    report = run.run()
+    report.duration_s = time.perf_counter() - started
+    log.info(
+        "synced %s -> %s: %d bytes sent, %d received, verified=%s in %.2fs",
+        src,
+        dst,
+        report.bytes_sent,
+        report.bytes_received,
+        report.verified,
+        report.duration_s,
+    )
+    return report
