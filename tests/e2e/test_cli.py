@@ -53,12 +53,15 @@ def test_up_create_down_up_down(cli: tuple[list[str], Path, int]) -> None:
     created = json.loads(ok("vm", "create", "cli-vm", "--cpus", "1", "--memory", "64",
                             "--wait", "--json", *sd))
     vm: dict[str, Any] = created[0]
-    assert vm["state"] == "running" and vm["host"] in ("sim-1", "sim-2")
+    assert vm["state"] == "running"
+    assert vm["host"] in ("sim-1", "sim-2")
     pid = int(vm["guest_id"])
     bad = run("vm", "create", "cli-vm", "--cpus", "1", "--memory", "64", *sd)
-    assert bad.returncode == 1 and "already exists" in bad.stderr
+    assert bad.returncode == 1
+    assert "already exists" in bad.stderr
     bad = run("vm", "pause", "no-such-vm", *sd)
-    assert bad.returncode == 1 and "no VM" in bad.stderr
+    assert bad.returncode == 1
+    assert "no VM" in bad.stderr
     assert "hosts  2/2 up" in ok("status", *sd)
     assert "sim-1" in ok("host", "list", *sd)
 
@@ -82,4 +85,5 @@ def test_clear_errors_without_a_cluster(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "novacron up" in proc.stderr
     proc = run("vm", "create", "x", "--label", "novalue")
-    assert proc.returncode == 2 and "key=value" in proc.stderr
+    assert proc.returncode == 2
+    assert "key=value" in proc.stderr
