@@ -226,7 +226,8 @@ class PlacementEngine:
                                   revision, base, request.group)
             fleet.allocate(name, request.resources, group=request.group)
         placed = sum(isinstance(r, Decision) for r in results)
-        logger.info("batch placed %d of %d VMs", placed, len(requests))
+        logger.info("batch placed %d of %d VMs (%d refused)", placed, len(requests),
+                    len(requests) - placed)
         return [r for r in results if r is not None]
 
     def group_context(self, request: PlacementRequest) -> GroupContext | None:
@@ -451,7 +452,7 @@ class PlacementEngine:
         if members is not None and request.hard:
             chain += explain.group_chain(request, members, labelled)
         error = explain.no_capacity(len(fleet), explain.removals(chain, len(fleet)), request)
-        logger.info("no capacity: %s", error.message)
+        logger.debug("no capacity: %s", error.message)
         return error
 
     def _size_key(self, request: PlacementRequest) -> tuple[float, float, int, int, int]:

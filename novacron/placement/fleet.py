@@ -114,10 +114,11 @@ class HostFleet:
                  instance_types: Mapping[str, Sequence[InstanceType]] | None = None,
                  load: Mapping[str, float] | None = None) -> None:
         caps = capabilities or {}
-        drv = driver_capabilities or {}
+        self._driver_caps = {d: frozenset(c) for d, c in (driver_capabilities or {}).items()}
         types = instance_types or {}
         self._hosts: list[Host] = list(hosts)
-        self._caps = [frozenset(caps.get(h.name, drv.get(h.driver, ()))) for h in self._hosts]
+        self._caps = [frozenset(caps.get(h.name, self._driver_caps.get(h.driver, ())))
+                      for h in self._hosts]
         self._types = [tuple(types[h.name]) if h.name in types else _instance_types(h)
                        for h in self._hosts]
         self.epoch = 0
@@ -310,11 +311,13 @@ class HostFleet:
 
         The record's allocation and revision replace the fleet's. Only when the allocation or
         revision alone changed are the caches kept; otherwise the static columns are rebuilt.
+        Capabilities default to the host's current ones, or for a new host its driver's.
         """
         i = self.index.get(host.name)
         if i is None:
             self._hosts.append(host)
-            self._caps.append(frozenset(capabilities or ()))
+            self._caps.append(frozenset(capabilities) if capabilities is not None
+                              else self._driver_caps.get(host.driver, frozenset()))
             self._types.append(tuple(instance_types) if instance_types is not None
                                else _instance_types(host))
             self._rebuild()

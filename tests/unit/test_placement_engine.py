@@ -322,12 +322,15 @@ def test_update_host_state_labels_and_capacity_invalidate_cached_scores() -> Non
 
 
 def test_add_and_remove_hosts() -> None:
-    engine = PlacementEngine.from_hosts([host("a", 4, 4)], {"a": [VMPlacementInfo("v", "g")]})
+    engine = PlacementEngine.from_hosts([host("a", 4, 4)], {"a": [VMPlacementInfo("v", "g")]},
+                                        driver_capabilities={"libvirt": ["live_migration"]})
     assert refusal(engine, req(8, 8)).details["removed"] == {"insufficient cpus": 1}
     engine.update_host(host("big", 64, 256), capabilities=["live_migration"])
     assert engine.place(req(8, 8, capabilities=frozenset({"live_migration"}))).host == "big"
+    engine.update_host(host("kvm", 128, 512, driver="libvirt"))  # its driver's capabilities
+    assert engine.place(req(80, 8, capabilities=frozenset({"live_migration"}))).host == "kvm"
     engine.remove_host("a")
-    assert engine.fleet.names == ["big"]
+    assert engine.fleet.names == ["big", "kvm"]
     assert engine.fleet.group_members("g") == {}
     with pytest.raises(NotFound):
         engine.allocate("a", used(1, 1))
