@@ -62,6 +62,7 @@ config_copy() {  # config_copy <dir>: a fresh copy of /etc/libvirt with root-run
     mkdir -p "$1"
     cp -a /etc/libvirt/. "$1/"
     printf 'user = "root"\ngroup = "root"\n' >>"$1/qemu.conf"
+    printf 'log_outputs = "3:file:%s/libvirtd.log"\n' "$(dirname "$1")" >>"$1/libvirtd.conf"
 }
 
 start_system() {
@@ -75,8 +76,8 @@ start_system() {
         virtlogd -d --pid-file "$dir/virtlogd.pid"
         wait_for 10 test -S /run/libvirt/virtlogd-sock || die "virtlogd did not start"
     fi
-    config_copy "$dir/etc"
-    printf 'log_outputs = "3:file:%s/libvirtd.log"\n' "$dir" >>"$dir/etc/libvirtd.conf"
+    # Made once and kept: persistent domains and pools are saved in it (a restart keeps them).
+    [[ -f "$dir/etc/libvirtd.conf" ]] || config_copy "$dir/etc"
     unshare -m --propagation private bash -c \
         "mount --bind '$dir/etc' /etc/libvirt && exec libvirtd -d --pid-file '$dir/libvirtd.pid'"
     wait_for 20 virsh -c "$SYSTEM_URI" version \
@@ -104,6 +105,7 @@ start_peer() {
         return
     fi
     mkdir -p "$dir"
+    # A fresh copy each start: the peer's state lives on tmpfs and goes with it.
     config_copy "$dir/etc"
     [[ -f "$dir/host_uuid" ]] || cat /proc/sys/kernel/random/uuid >"$dir/host_uuid"
     cat >>"$dir/etc/libvirtd.conf" <<EOF
@@ -113,7 +115,6 @@ listen_addr = "$PEER_ADDR"
 tcp_port = "16509"
 auth_tcp = "none"
 host_uuid = "$(cat "$dir/host_uuid")"
-log_outputs = "3:file:$dir/libvirtd.log"
 EOF
     cat >>"$dir/etc/qemu.conf" <<EOF
 stdio_handler = "file"

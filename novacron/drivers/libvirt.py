@@ -387,6 +387,7 @@ class GuestEvent:
 
 
 EventCallback = Callable[[GuestEvent], None]
+_RESYNC = -1  # a queued "event" asking for every guest's state (after a reconnect)
 
 
 class _EventLoop:
@@ -621,7 +622,7 @@ class LibvirtDriver(Driver):
                         return
                     if self._conn is None:
                         self._open()
-                self._events.put(("", -1))
+                self._events.put(("", _RESYNC))
                 return
             except NovaCronError as err:
                 log.info("reconnecting to %s failed (%s); retry in %.1f s",
@@ -646,7 +647,7 @@ class LibvirtDriver(Driver):
             yield
 
     def _on_lifecycle(self, _conn: Any, dom: Any, event: int, _detail: int,
-                      _opaque: object) -> None:
+                      _opaque: object) -> None:  # libvirt's callback signature
         """libvirt's lifecycle callback (event loop thread): only queue, never call libvirt."""
         name = dom.name()
         if name.startswith(DOMAIN_PREFIX):
@@ -657,7 +658,7 @@ class LibvirtDriver(Driver):
         while (item := self._events.get()) is not None:
             vm_id, event = item
             try:
-                events = self._resync() if event == -1 else [self._event(vm_id, event)]
+                events = self._resync() if event == _RESYNC else [self._event(vm_id, event)]
             except NovaCronError as err:
                 log.info("cannot read guest state after event %s: %s", item, err.message)
                 continue
@@ -871,23 +872,29 @@ class LibvirtDriver(Driver):
 
     def undefine(self, vm_id: str, *, delete_storage: bool = True) -> None:
         """Remove a stopped guest, its snapshot metadata and (with ``delete_storage``) the
-        volumes NovaCron created for it. Succeeds when the guest is already gone."""
+        volumes NovaCron created for it. Succeeds when the guest is already gone.
+
+        The volumes go first, while the domain still records them, so a retry after a failure
+        finishes the job. Nothing is deleted for a guest this host does not have: its volumes
+        may be on storage shared with the host that runs it.
+        """
         _check_vm_id(vm_id)
         with self._guest_lock(vm_id):
             dom = self._lookup(vm_id)
-            volumes: tuple[str, ...] = ()
-            if dom is not None:
-                volumes = self._check_ours(dom, vm_id).volumes
-                with translate(f"cannot undefine guest {vm_id}", vm_id=vm_id):
-                    if dom.isActive():
-                        raise InvalidTransition(f"guest {vm_id} is running; stop it first",
-                                                details={"vm_id": vm_id})
-                    dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                                      | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
-                log.info("undefined %s on %s", domain_name(vm_id), self.host)
+            if dom is None:
+                return
+            meta = self._check_ours(dom, vm_id)
+            with translate(f"cannot undefine guest {vm_id}", vm_id=vm_id):
+                if dom.isActive():
+                    raise InvalidTransition(f"guest {vm_id} is running; stop it first",
+                                            details={"vm_id": vm_id})
             if delete_storage:
-                for path in volumes or self._leftover_volumes(vm_id):
+                for path in meta.volumes:
                     self._delete_volume_path(path)
+            with translate(f"cannot undefine guest {vm_id}", vm_id=vm_id):
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                                  | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+            log.info("undefined %s on %s", domain_name(vm_id), self.host)
 
     def get(self, vm_id: str) -> GuestInfo:
         """The guest's state, reason, epoch and domain UUID."""
@@ -1451,29 +1458,16 @@ class LibvirtDriver(Driver):
         return Backing(path=info.path, format=info.format), info.capacity_bytes
 
     def _create_guest_disk(self, config: GuestConfig) -> Volume:
+        """The guest's disk volume. An existing volume of that name is never reused or deleted
+        (AlreadyExists): on shared storage it may be the disk of the guest on another host."""
         pool = self._guest_pool()
         name = f"{domain_name(config.vm_id)}-disk0.qcow2"
-        leftover = self._child_or_none(pool.storageVolLookupByName, name)
-        if leftover is not None:  # from a define that crashed before its domain existed
-            log.warning("deleting leftover volume %s on %s", name, self.host)
-            with translate(f"cannot delete leftover volume {name!r}"):
-                leftover.delete(0)
         capacity = config.disk_gib * GIB
         backing = None
         if config.image:
             backing, image_bytes = self._resolve_image(config.image)
             capacity = max(capacity, image_bytes)
         return self.create_volume(name, capacity, pool=pool.name(), backing=backing)
-
-    def _leftover_volumes(self, vm_id: str) -> builtins.list[str]:
-        """Paths of this guest's volumes in the guest pool (after its domain is gone)."""
-        pool = self._pool_or_none(self.settings.pool)
-        if pool is None:
-            return []
-        prefix = f"{domain_name(vm_id)}-disk"
-        with translate(f"cannot list volumes of pool {self.settings.pool!r}"):
-            pool.refresh(0)
-            return [v.path() for v in pool.listAllVolumes(0) if v.name().startswith(prefix)]
 
     def _volume_by_path(self, path: str) -> Any:
         """The volume at ``path``, or None; refreshes the pools of its directory on a miss

@@ -12,6 +12,8 @@ Skips with the exact reason when this machine cannot run it (not root, packages 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import itertools
 import os
@@ -28,7 +30,7 @@ from typing import Any
 import pytest
 
 from novacron.drivers.base import GuestConfig
-from novacron.errors import AlreadyExists, NoCapacity, NotFound
+from novacron.errors import AlreadyExists, DriverError, NoCapacity, NotFound, NovaCronError
 from novacron.states import VMState
 from tests.libvirt_guest import (
     GUEST_POWEROFF,
@@ -46,6 +48,7 @@ pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 DAEMONS = ROOT / "scripts" / "libvirt-daemons.sh"
 WORK = Path(os.environ.get("NOVACRON_LIBVIRT_WORK", "/var/tmp/novacron-it"))
+LOCK = WORK / "session.lock"
 SYSTEM_URI = "qemu:///system"
 PEER_URI = f"qemu+tcp://{os.environ.get('NOVACRON_PEER_ADDR', '127.0.0.2')}/system"
 SHARED_POOL = ("novacron-it-shared", str(WORK / "shared"))
@@ -80,8 +83,30 @@ class Env:
     system_started: bool
 
 
+@contextlib.contextmanager
+def exclusive(timeout_s: float = 900.0) -> Iterator[None]:
+    """Hold the machine-wide lock of this tier: test sessions share the daemons and pools."""
+    LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with LOCK.open("w") as fh:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"another test session held {LOCK} for {timeout_s:.0f} s")
+                time.sleep(0.5)
+        yield
+
+
 @pytest.fixture(scope="session")
 def env() -> Iterator[Env]:
+    with exclusive():
+        yield from _env()
+
+
+def _env() -> Iterator[Env]:
     started = [which for which in ("system", "peer") if daemons("start", which) == "started"]
     try:
         guest = build_guest(WORK / "guest")
@@ -169,17 +194,29 @@ class Guests:
     def cleanup(self) -> None:
         for vm_id in self.ids:
             for driver in self.drivers:
-                try:
+                with contextlib.suppress(NotFound):
                     driver.stop(vm_id, force=True)
-                except NotFound:
-                    continue
                 driver.undefine(vm_id, delete_storage=True)
 
 
+@pytest.fixture(scope="session")
+def drivers(src: LibvirtDriver, dst: LibvirtDriver, src_local: LibvirtDriver,
+            dst_local: LibvirtDriver) -> list[LibvirtDriver]:
+    """Every driver, after sweeping test volumes an interrupted earlier run left behind."""
+    every = [src, dst, src_local, dst_local]
+    defined = {g.vm_id for driver in every for g in driver.list()}
+    for driver in every:
+        driver.ensure_pool()
+        for volume in driver.list_volumes():
+            vm_id = volume.name.removeprefix("novacron-").partition("-disk")[0]
+            if volume.name.startswith("novacron-it-") and vm_id not in defined:
+                driver.delete_volume(volume.name)
+    return every
+
+
 @pytest.fixture
-def guests(env: Env, src: LibvirtDriver, dst: LibvirtDriver, src_local: LibvirtDriver,
-           dst_local: LibvirtDriver) -> Iterator[Guests]:
-    made = Guests(env, [src, dst, src_local, dst_local])
+def guests(env: Env, drivers: list[LibvirtDriver]) -> Iterator[Guests]:
+    made = Guests(env, drivers)
     yield made
     made.cleanup()
 
@@ -338,11 +375,36 @@ def assert_migrated(guests: Guests, vm: str, source: LibvirtDriver, dest: Libvir
           f" time, {done.downtime_ms} ms paused")
 
 
+def abort_a_slow_migration(src: LibvirtDriver, dst: LibvirtDriver, vm: str) -> None:
+    """Start a migration throttled to 1 MiB/s, abort it, and check the guest stayed home."""
+    failure: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            src.migrate_live(vm, PEER_URI, allow_unsafe=True, bandwidth_mib_s=1)
+        except NovaCronError as err:
+            failure.append(err)
+
+    thread = threading.Thread(target=migrate)
+    thread.start()
+    wait_until(lambda: src.job_stats(vm).active, 30, "the migration job to start")
+    assert src.get(vm).state == VMState.MIGRATING
+    assert src.abort_job(vm) is True
+    thread.join(30)
+    assert isinstance(failure[0], DriverError)
+    assert failure[0].details["libvirt_code"] == "VIR_ERR_OPERATION_ABORTED"
+    assert src.abort_job(vm) is False  # nothing left to abort
+    assert src.get(vm).state == VMState.RUNNING
+    with pytest.raises(NotFound):
+        dst.get(vm)
+
+
 def test_live_migration_on_shared_storage(guests: Guests, src: LibvirtDriver,
                                           dst: LibvirtDriver) -> None:
     vm = guests.new()
     guests.boot(src, vm)
     [disk] = src.guest_volumes(vm)
+    abort_a_slow_migration(src, dst, vm)
     src_events, src_unsubscribe = subscribed(src, vm)
     dst_events, dst_unsubscribe = subscribed(dst, vm)
     progress, stop_watching = watch_job(src, vm)

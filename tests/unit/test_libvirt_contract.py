@@ -280,6 +280,19 @@ def test_failed_define_rolls_back_its_volume(drv: LibvirtDriver, vm: str) -> Non
         conn.lookupByName("novacron-other").undefine()
 
 
+def test_volumes_of_a_guest_elsewhere_are_never_deleted(drv: LibvirtDriver, vm: str) -> None:
+    """On shared storage a same-named volume may be the disk of the guest on another host."""
+    drv.ensure_pool()
+    other = drv.create_volume(f"{domain_name(vm)}-disk0.qcow2", GIB)
+    with pytest.raises(AlreadyExists, match="volume"):
+        drv.define(guest(vm))
+    with pytest.raises(NotFound):
+        drv.get(vm)
+    drv.undefine(vm, delete_storage=True)  # no such guest here: nothing to delete
+    assert other.name in volume_names(drv)
+    drv.delete_volume(other.name)
+
+
 def test_name_clash_with_a_foreign_domain(drv: LibvirtDriver, vm: str) -> None:
     conn = raw_conn()
     foreign = Domain(name=domain_name(vm), uuid=str(uuid.uuid4()), memory_mib=64, vcpus=1,
@@ -302,6 +315,14 @@ def test_undefine_refuses_a_running_guest(drv: LibvirtDriver, vm: str) -> None:
     with pytest.raises(InvalidTransition, match="stop it first"):
         drv.undefine(vm)
     assert drv.get(vm).state == VMState.RUNNING
+
+
+def test_graceful_stop_of_a_paused_guest(drv: LibvirtDriver, vm: str) -> None:
+    drv.define(guest(vm))
+    drv.start(vm, epoch=1)
+    drv.pause(vm)
+    stopped = drv.stop(vm, timeout_s=5)
+    assert (stopped.state, stopped.reason) == (VMState.STOPPED, "shutoff:shutdown")
 
 
 def test_state_changes_on_a_stopped_guest_are_invalid(drv: LibvirtDriver, vm: str) -> None:
