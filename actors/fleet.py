@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
@@ -14,6 +16,7 @@ from novacron.agents import HostAgent, make_driver
 from novacron.model import VM, Host
 
 log = logging.getLogger("novacron.actors.fleet")
+_NODE_CACHE_S = 30.0
 
 
 def _probe(host: dict[str, Any], state_dir: str) -> dict[str, Any]:
@@ -32,15 +35,22 @@ def _probe(host: dict[str, Any], state_dir: str) -> dict[str, Any]:
 
 
 class RayFleet:
-    """Creates, finds and calls HostActors and VMActors (detached, named, pinned to nodes)."""
+    """Creates, finds and calls HostActors and VMActors (detached, named, pinned to nodes).
+
+    Asking a VM to converge returns at once: creating its actor takes a round trip to Ray's GCS,
+    so one dispatcher thread does it, in order, off the caller's path.
+    """
 
     def __init__(self, namespace: str, state_dir: str, *, heartbeat_interval_s: float,
                  stop_timeout_s: float) -> None:
+        self._dispatch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="novacron-fleet")
         self.namespace = namespace
         self.state_dir = state_dir
         self.heartbeat_interval_s = heartbeat_interval_s
         self.stop_timeout_s = stop_timeout_s
         self._vm_actors: dict[str, Any] = {}
+        self._host_nodes: set[str] = set()
+        self._nodes_read_at = -_NODE_CACHE_S
         self._host_actor_cls: Any = ray.remote(HostActor)
         self._vm_actor_cls: Any = ray.remote(VMActor)
         self._probe: Any = ray.remote(_probe)
@@ -49,13 +59,17 @@ class RayFleet:
     def _record(host: Host) -> dict[str, Any]:
         return host.model_dump(mode="json")
 
-    @staticmethod
-    def _node_of(host: str) -> str | None:
+    def _node_of(self, host: str) -> str | None:
         """None when a Ray node advertises ``host``'s resource; else the controller's node (a
-        logical host, such as the embedded default's simulated ones, lives beside it)."""
-        nodes = ray.nodes()  # type: ignore[no-untyped-call]
-        if any(names.host_resource(host) in n.get("Resources", {}) for n in nodes
-               if n.get("Alive")):
+        logical host, such as the embedded default's simulated ones, lives beside it). Cached
+        for a while: listing Ray's nodes is a round trip to the GCS."""
+        now = time.monotonic()
+        if now - self._nodes_read_at > _NODE_CACHE_S:
+            alive = [n for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+            self._host_nodes = {r for n in alive for r in n.get("Resources", {})
+                                if r.startswith(names.HOST_RESOURCE_PREFIX)}
+            self._nodes_read_at = now
+        if names.host_resource(host) in self._host_nodes:
             return None
         node_id: str = ray.get_runtime_context().get_node_id()
         return node_id
@@ -79,15 +93,27 @@ class RayFleet:
         ray.kill(actor, no_restart=True)
 
     def converge_vm(self, vm: VM, host: Host) -> None:
+        self._dispatch.submit(self._send_converge, vm, host)
+
+    def _send_converge(self, vm: VM, host: Host) -> None:
+        try:
+            self._actor_of(vm, host).converge.remote(vm.model_dump(mode="json"))
+        except Exception:
+            log.exception("could not reach the agent of VM %s", vm.id)
+
+    def _actor_of(self, vm: VM, host: Host) -> Any:
         actor: Any = self._vm_actors.get(vm.id)
         if actor is None:
             opts = options.vm_options(self.namespace, vm.id, host.name, self._node_of(host.name))
             actor = self._vm_actor_cls.options(**opts).remote(
                 vm.id, self._record(host), self.namespace, self.state_dir, self.stop_timeout_s)
             self._vm_actors[vm.id] = actor
-        actor.converge.remote(vm.model_dump(mode="json"))
+        return actor
 
     def forget_vm(self, vm_id: str) -> None:
+        self._dispatch.submit(self._kill_vm_actor, vm_id)
+
+    def _kill_vm_actor(self, vm_id: str) -> None:
         actor = self._vm_actors.pop(vm_id, None)
         if actor is None:
             try:
@@ -113,8 +139,9 @@ class RayFleet:
                     stopped += int(ray.get(ref, timeout=60))
                 except Exception:
                     log.exception("could not stop a guest")
+        self._dispatch.shutdown(wait=True)
         for vm_id in vm_ids:
-            self.forget_vm(vm_id)
+            self._kill_vm_actor(vm_id)
         for host in hosts:
             self.stop_host(host)
         return stopped

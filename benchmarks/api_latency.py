@@ -126,7 +126,7 @@ def run(records: int, requests: int, posts: int) -> dict[str, Any]:
     from serve.deployment import deploy
 
     workdir = Path(tempfile.mkdtemp(prefix="nc-bench-api-"))
-    settings = Settings(state_dir=workdir, namespace="nc-bench-api", sim_hosts=1,
+    settings = Settings(state_dir=workdir, namespace="nc-bench-api", sim_hosts=4,
                         api_port=free_port())
     fill_store(settings.store_path, records)
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,

@@ -70,6 +70,7 @@ class VMAgent:
         self.reporter = reporter
         self.stop_timeout_s = stop_timeout_s
         self.epoch = 0
+        self.revision = 0  # of the newest command run: an older one arriving late is ignored
         self._lock = threading.Lock()
 
     def observe(self) -> dict[str, Any]:
@@ -99,7 +100,10 @@ class VMAgent:
                 raise StaleEpoch(f"VM {self.vm_id}: epoch {epoch} is older than {self.epoch}",
                                  details={"vm": self.vm_id, "epoch": epoch,
                                           "current": self.epoch})
-            self.epoch = epoch
+            revision = int(vm.get("revision", 0))
+            if epoch == self.epoch and revision < self.revision:
+                return self.observe()  # a command overtaken by a newer one
+            self.epoch, self.revision = epoch, revision
             pending = vm.get("pending")
             try:
                 info = self._converge(vm, PowerState(vm["desired"]), pending)

@@ -41,6 +41,7 @@ from novacron.store import Delete, Put, Record, Store
 log = logging.getLogger("novacron.controlplane")
 
 _RETRIES = 8
+_RESCAN_EVERY = 60
 
 
 class Fleet(Protocol):
@@ -132,6 +133,10 @@ class ControlPlane:
         self._last_seen: dict[str, float] = {}
         self._host_stats: dict[str, dict[str, Any]] = {}
         self._inflight: dict[str, float] = {}
+        # VMs not yet in their desired state: kept current on every write, so a reconcile pass
+        # touches only these, plus a full rescan every ``_RESCAN_EVERY`` passes.
+        self._unsettled: set[str] = set()
+        self._passes = 0
 
     # -- startup ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -145,6 +150,7 @@ class ControlPlane:
             except Exception:
                 log.exception("could not start the agent of host %s", host.name)
         for vm in self.list_vms():
+            self._track(vm)
             if vm.host is not None:
                 self._inflight[vm.id] = now + self.converge_timeout_s
                 self._converge(vm)
@@ -250,6 +256,7 @@ class ControlPlane:
                 record = written[0]
                 assert record is not None
                 vm = vm_from(record)
+                self._track(vm)
                 self._inflight[vm.id] = self.clock() + self.converge_timeout_s
             log.info("VM %s (%s) placed on %s", vm.id, vm.name, host.name)
             self._converge(vm)
@@ -314,7 +321,15 @@ class ControlPlane:
 
     def _write_vm(self, vm: VM) -> VM:
         vm = vm.model_copy(update={"updated_at": self.clock()})
-        return vm_from(self.store.put("vm", vm.id, _dump(vm), expected_revision=vm.revision))
+        vm = vm_from(self.store.put("vm", vm.id, _dump(vm), expected_revision=vm.revision))
+        self._track(vm)
+        return vm
+
+    def _track(self, vm: VM) -> None:
+        if unsettled(vm):
+            self._unsettled.add(vm.id)
+        else:
+            self._unsettled.discard(vm.id)
 
     def _converge(self, vm: VM) -> None:
         if vm.host is None:
@@ -341,6 +356,7 @@ class ControlPlane:
                 update={"allocated": host.allocated - vm.spec.resources})), host.revision))
         self.store.commit(ops)
         self._inflight.pop(vm.id, None)
+        self._unsettled.discard(vm.id)
         log.info("VM %s (%s) deleted", vm.id, vm.name)
         try:
             self.fleet.forget_vm(vm.id)
@@ -425,7 +441,16 @@ class ControlPlane:
                     self.fleet.start_host(host)  # its agent may have died for good
                 except Exception:
                     log.exception("could not restart the agent of host %s", host.name)
-        for vm in self.list_vms():
+        self._passes += 1
+        if self._passes % _RESCAN_EVERY == 0:
+            for vm in self.list_vms():
+                self._track(vm)
+        for vm_id in list(self._unsettled):
+            record = self.store.get("vm", vm_id)
+            if record is None:
+                self._unsettled.discard(vm_id)
+                continue
+            vm = vm_from(record)
             if vm.host in unreachable or not unsettled(vm):
                 continue
             deadline = self._inflight.get(vm.id)
@@ -445,12 +470,8 @@ class ControlPlane:
 
     def status(self) -> dict[str, Any]:
         """Counts for ``novacron status`` and readiness."""
-        vms = self.list_vms()
-        by_state: dict[str, int] = {}
-        for vm in vms:
-            by_state[vm.state.value] = by_state.get(vm.state.value, 0) + 1
-        hosts = self.list_hosts()
-        return {"hosts": len(hosts),
-                "hosts_up": sum(1 for h in hosts if h.state == HostState.UP),
-                "vms": len(vms), "vms_by_state": by_state,
+        by_state = self.store.count_by("vm", "state")
+        hosts = self.store.count_by("host", "state")
+        return {"hosts": sum(hosts.values()), "hosts_up": hosts.get(HostState.UP.value, 0),
+                "vms": sum(by_state.values()), "vms_by_state": by_state,
                 "revision": self.store.head_revision()}

@@ -190,3 +190,18 @@ def test_owner_lock_is_exclusive(tmp_path: Path) -> None:
     first.release()
     second.acquire(timeout_s=0.2)
     second.release()
+
+
+def test_page_json_matches_page(store: Store) -> None:
+    import json
+
+    for i in range(5):
+        store.create("vm", f"k{i}", {"name": f"n{i}", "nested": {"a": [1, 2]}})
+    store.create("vm", "empty", {})
+    records = store.page("vm", limit=4)
+    texts, cursor = store.page_json("vm", limit=4)
+    assert cursor == records.next_cursor
+    assert [json.loads(t) for t in texts] == [{**r.data, "revision": r.revision}
+                                              for r in records.records]
+    texts, _ = store.page_json("vm")
+    assert json.loads(texts[0]) == {"revision": store.require("vm", "empty").revision}
