@@ -21,12 +21,12 @@ from novacron.errors import (
     AlreadyExists,
     Conflict,
     InvalidTransition,
-    NoCapacity,
     NotFound,
     RevisionMismatch,
 )
 from novacron.ids import HostName, VMId, new_id
 from novacron.model import VM, Host, HostCreate, Resources, VMCreate, VMSpec
+from novacron.placement import Affinity, PlacementEngine, PlacementRequest, VMPlacementInfo
 from novacron.states import (
     SETTLED,
     HostState,
@@ -80,37 +80,13 @@ def _dump(obj: VM | Host) -> dict[str, Any]:
     return obj.model_dump(mode="json", exclude={"revision"})
 
 
-def select_host(demand: Resources, hosts: list[Host], *, pinned: str | None = None) -> Host:
-    """Best fit: the schedulable host left with the least free room; NoCapacity says why not."""
-    removed = {"not up": 0, "pinned elsewhere": 0, "insufficient cpus": 0,
-               "insufficient memory": 0, "insufficient disk": 0}
-    best: tuple[float, Host] | None = None
-    for host in hosts:
-        if pinned is not None and host.name != pinned:
-            removed["pinned elsewhere"] += 1
-            continue
-        if not host.schedulable:
-            removed["not up"] += 1
-            continue
-        free = host.limit - host.allocated
-        short = [dim for dim, have, need in (("cpus", free.cpus, demand.cpus),
-                                             ("memory", free.memory_mib, demand.memory_mib),
-                                             ("disk", free.disk_gib, demand.disk_gib))
-                 if have < need]
-        if short:
-            removed[f"insufficient {short[0]}"] += 1
-            continue
-        leftover = ((free.cpus - demand.cpus) / max(host.limit.cpus, 1)
-                    + (free.memory_mib - demand.memory_mib) / max(host.limit.memory_mib, 1))
-        if best is None or leftover < best[0]:
-            best = (leftover, host)
-    if best is None:
-        reasons = ", ".join(f"{n} {why}" for why, n in removed.items() if n)
-        raise NoCapacity(f"0/{len(hosts)} hosts fit {demand.cpus:g} cpus, {demand.memory_mib} MiB,"
-                         f" {demand.disk_gib} GiB" + (f": {reasons}" if reasons else ""),
-                         details={"hosts": len(hosts),
-                                  "removed": {k: v for k, v in removed.items() if v}})
-    return best[1]
+def placement_request(spec: VMSpec, *, pinned: str | None = None,
+                      tenant: str | None = None) -> PlacementRequest:
+    """What the placement engine is asked for a VM of ``spec``."""
+    policy = spec.placement
+    return PlacementRequest(spec.resources, host=pinned, labels=dict(policy.host_labels),
+                            group=policy.group, affinity=Affinity(policy.affinity),
+                            hard=policy.hard, domain=policy.domain, tenant=tenant)
 
 
 def unsettled(vm: VM) -> bool:
@@ -137,6 +113,7 @@ class ControlPlane:
         # touches only these, plus a full rescan every ``_RESCAN_EVERY`` passes.
         self._unsettled: set[str] = set()
         self._passes = 0
+        self._engine: PlacementEngine | None = None  # built on first use, kept current
 
     # -- startup ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -173,6 +150,8 @@ class ControlPlane:
         host = host_from(record)
         with self._lock:
             self._last_seen[host.name] = self.clock()
+            if self._engine is not None:
+                self._engine.update_host(host)
         self.fleet.start_host(host)
         log.info("host %s registered (%s, %s cpus, %s MiB)", host.name, host.driver,
                  capacity.cpus, capacity.memory_mib)
@@ -213,11 +192,28 @@ class ControlPlane:
             self.store.delete("host", name, expected_revision=host.revision)
             self._last_seen.pop(name, None)
             self._host_stats.pop(name, None)
+            if self._engine is not None:
+                self._engine.remove_host(name)
         self.fleet.stop_host(name)
 
     def _write_host(self, host: Host) -> Host:
-        return host_from(self.store.put("host", host.name, _dump(host),
-                                        expected_revision=host.revision))
+        written = host_from(self.store.put("host", host.name, _dump(host),
+                                           expected_revision=host.revision))
+        if self._engine is not None:
+            self._engine.update_host(written)
+        return written
+
+    def _placement(self) -> PlacementEngine:
+        """The placement engine over every host and the VMs on them (built once, then kept
+        current by each write)."""
+        if self._engine is None:
+            vms_by_host: dict[str, list[VMPlacementInfo]] = {}
+            for vm in self.list_vms():
+                if vm.host is not None:
+                    vms_by_host.setdefault(vm.host, []).append(
+                        VMPlacementInfo(vm.id, vm.spec.placement.group))
+            self._engine = PlacementEngine.from_hosts(self.list_hosts(), vms_by_host)
+        return self._engine
 
     # -- VMs --------------------------------------------------------------------------------
     def create_vm(self, req: VMCreate, *, tenant: str = "default",
@@ -238,7 +234,12 @@ class ControlPlane:
                                         details={"name": req.name, "vm": taken.data["vm"]})
                 if req.host is not None:
                     self.get_host(req.host)  # NotFound for an unknown host
-                host = select_host(spec.resources, self.list_hosts(), pinned=req.host)
+                engine = self._placement()
+                decision = engine.place(placement_request(spec, pinned=req.host, tenant=tenant))
+                host = self.get_host(decision.host)
+                if host.revision != decision.revision:
+                    engine.update_host(host)  # the engine's view was stale: place again
+                    continue
                 vm = VM(id=VMId(new_id("vm")), name=req.name, tenant=tenant, spec=spec,
                         desired=PowerState.RUNNING if req.start else PowerState.STOPPED,
                         host=host.name, epoch=1)
@@ -252,9 +253,13 @@ class ControlPlane:
                             host.revision),
                     ])
                 except RevisionMismatch:
-                    continue  # the host changed under us: place again
-                record = written[0]
+                    self._engine = None  # the host changed under us: place again
+                    continue
+                record, _, host_record = written
                 assert record is not None
+                assert host_record is not None
+                engine.allocate(host.name, spec.resources, group=spec.placement.group,
+                                revision=host_record.revision)
                 vm = vm_from(record)
                 self._track(vm)
                 self._inflight[vm.id] = self.clock() + self.converge_timeout_s
@@ -354,7 +359,10 @@ class ControlPlane:
             host = host_from(host_record)
             ops.append(Put("host", host.name, _dump(host.model_copy(
                 update={"allocated": host.allocated - vm.spec.resources})), host.revision))
-        self.store.commit(ops)
+        written = self.store.commit(ops)
+        if self._engine is not None and host_record is not None and written[2] is not None:
+            self._engine.release(written[2].key, vm.spec.resources, group=vm.spec.placement.group,
+                                 revision=written[2].revision)
         self._inflight.pop(vm.id, None)
         self._unsettled.discard(vm.id)
         log.info("VM %s (%s) deleted", vm.id, vm.name)

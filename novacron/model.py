@@ -7,7 +7,7 @@ sizes and malformed names are refused with a message that says which field was w
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -21,6 +21,7 @@ __all__ = [
     "HostName",
     "HostState",
     "Overcommit",
+    "PlacementPolicy",
     "PowerState",
     "Resources",
     "VMCreate",
@@ -88,6 +89,16 @@ class Workload(_Strict):
     disk_write_mib_s: float = Field(default=0.0, ge=0, le=10_000)
 
 
+class PlacementPolicy(_Strict):
+    """Where a VM may go: a host-label selector and its group's affinity rule."""
+
+    group: Name | None = None  # VMs of one group are kept together or apart
+    affinity: Literal["affinity", "anti-affinity"] = "anti-affinity"
+    hard: bool = True  # a hard rule refuses placement; a soft one only weighs against it
+    domain: LabelKey | None = None  # the failure-domain label (rack, zone); None: per host
+    host_labels: Labels = Field(default_factory=dict)  # hosts must carry these labels
+
+
 class VMSpec(_Strict):
     """What a VM is: its shape, image and labels."""
 
@@ -98,6 +109,7 @@ class VMSpec(_Strict):
     image: str | None = Field(default=None, min_length=1, max_length=1024)
     labels: Labels = Field(default_factory=dict)
     workload: Workload = Field(default_factory=Workload)
+    placement: PlacementPolicy = Field(default_factory=PlacementPolicy)
 
     @property
     def resources(self) -> Resources:

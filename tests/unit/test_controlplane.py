@@ -110,16 +110,33 @@ def test_full_lifecycle_with_a_real_guest(plane: ControlPlane) -> None:
     assert wait_for(plane, again.id, VMState.STOPPED).name == "web"
 
 
-def test_best_fit_packs_the_tighter_host(plane: ControlPlane) -> None:
-    vm = plane.create_vm(VMCreate(name="small", cpus=1, memory_mib=512, start=False))
-    assert vm.host == "h1"
-    big = plane.create_vm(VMCreate(name="big", cpus=2, memory_mib=3072, start=False))
+def test_placement_packs_and_respects_groups_and_labels(plane: ControlPlane) -> None:
+    first = plane.create_vm(VMCreate(name="small", cpus=1, memory_mib=512, start=False))
+    second = plane.create_vm(VMCreate(name="small2", cpus=1, memory_mib=512, start=False))
+    assert second.host == first.host  # bin-packing fills a host in use before opening another
+    big = plane.create_vm(VMCreate(name="big", cpus=2, memory_mib=3000, start=False))
     assert big.host == "h2"  # only h2 has the memory
+    apart = {"group": "db", "affinity": "anti-affinity", "hard": True}
+    hosts = {plane.create_vm(VMCreate.model_validate(
+        {"name": f"db{i}", "cpus": 1, "memory_mib": 64, "start": False,
+         "placement": apart})).host for i in range(2)}
+    assert hosts == {"h1", "h2"}
+    for vm in plane.list_vms():
+        wait_for(plane, vm.id, VMState.STOPPED)
+    before = snapshot(plane.store)
+    with pytest.raises(NoCapacity, match=r"0/2 hosts fit:.*anti-affinity"):
+        plane.create_vm(VMCreate.model_validate({"name": "db2", "cpus": 1, "memory_mib": 64,
+                                                 "placement": apart}))
+    with pytest.raises(NoCapacity, match="label"):
+        plane.create_vm(VMCreate.model_validate({
+            "name": "gpu", "cpus": 1, "memory_mib": 64,
+            "placement": {"host_labels": {"gpu": "a100"}}}))
+    assert snapshot(plane.store) == before
 
 
 @pytest.mark.parametrize(("call", "error", "message"), [
     (lambda p, vm: p.create_vm(VMCreate(name="huge", cpus=64, memory_mib=64)), NoCapacity,
-     r"0/2 hosts fit 64 cpus.*2 insufficient cpus"),
+     r"0/2 hosts fit: 2 insufficient cpus"),
     (lambda p, vm: p.create_vm(VMCreate(name="fat", cpus=1, memory_mib=1 << 20)), NoCapacity,
      r"insufficient memory"),
     (lambda p, vm: p.create_vm(VMCreate(name="pinned", cpus=1, memory_mib=64, host="ghost")),
@@ -152,7 +169,7 @@ def test_maintenance_takes_no_new_vms(plane: ControlPlane) -> None:
     before = snapshot(plane.store)
     with pytest.raises(InvalidTransition, match="cannot go from maintenance to draining"):
         plane.set_host_state("h1", HostState.DRAINING)
-    with pytest.raises(NoCapacity, match="1 not up"):
+    with pytest.raises(NoCapacity, match="1 maintenance"):
         plane.create_vm(VMCreate(name="x", cpus=1, memory_mib=64, host="h1"))
     assert snapshot(plane.store) == before
     assert plane.create_vm(VMCreate(name="y", cpus=1, memory_mib=64, start=False)).host == "h2"
