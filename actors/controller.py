@@ -104,6 +104,9 @@ class ClusterController:
     def vm_action(self, vm_id: str, action: str, force: bool = False) -> VM:
         return self.plane.vm_action(vm_id, action, force=force)
 
+    def snapshot(self, vm_id: str, op: str, name: str | None = None) -> Any:
+        return self.plane.snapshot(vm_id, op, name)
+
     def delete_vm(self, vm_id: str) -> VM:
         return self.plane.delete_vm(vm_id)
 

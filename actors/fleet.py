@@ -8,15 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
+from ray.exceptions import GetTimeoutError, RayTaskError
 
 from actors import names, options
 from actors.host import HostActor
 from actors.vm import VMActor
 from novacron.agents import HostAgent, make_driver
+from novacron.errors import NovaCronError, OperationTimeout
 from novacron.model import VM, Host
 
 log = logging.getLogger("novacron.actors.fleet")
 _NODE_CACHE_S = 30.0
+_CALL_TIMEOUT_S = 300.0
 
 
 def _probe(host: dict[str, Any], state_dir: str) -> dict[str, Any]:
@@ -109,6 +112,18 @@ class RayFleet:
                 vm.id, self._record(host), self.namespace, self.state_dir, self.stop_timeout_s)
             self._vm_actors[vm.id] = actor
         return actor
+
+    def call_vm(self, vm: VM, host: Host, method: str, *args: Any) -> Any:
+        try:
+            return ray.get(getattr(self._actor_of(vm, host), method).remote(*args),
+                           timeout=_CALL_TIMEOUT_S)
+        except RayTaskError as exc:
+            if isinstance(exc.cause, NovaCronError):
+                raise exc.cause from None
+            raise
+        except GetTimeoutError as exc:
+            raise OperationTimeout(f"VM {vm.id}'s agent did not finish {method} within "
+                                   f"{_CALL_TIMEOUT_S:g} s") from exc
 
     def forget_vm(self, vm_id: str) -> None:
         self._dispatch.submit(self._kill_vm_actor, vm_id)

@@ -46,6 +46,9 @@ class VMActor:
     def observe(self) -> dict[str, Any]:
         return self.agent.observe()
 
+    def snapshot(self, op: str, name: str | None = None) -> Any:
+        return self.agent.snapshot(op, name)
+
     def stop_guest(self) -> bool:
         """Force the guest off (``novacron down --stop-guests``); False if it was not running."""
         return self.agent.power_off()

@@ -11,12 +11,12 @@ import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from novacron.drivers.base import Driver, GuestConfig, GuestInfo, driver_class
-from novacron.errors import NotFound, NovaCronError, StaleEpoch
+from novacron.errors import InvalidRequest, NotFound, NovaCronError, StaleEpoch
 from novacron.states import PowerState, VMState
 
 log = logging.getLogger("novacron.agents")
@@ -60,6 +60,11 @@ def observation(info: GuestInfo | None, *, error: str | None = None,
     return data
 
 
+def _plain(value: object) -> Any:
+    """A driver's dataclass result as plain data (for Ray and JSON)."""
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else value
+
+
 class VMAgent:
     """Drives one VM's guest toward the desired state it is given; idempotent."""
 
@@ -91,6 +96,25 @@ class VMAgent:
                 return False
             self.driver.stop(self.vm_id, force=True)
             return True
+
+    def snapshot(self, op: str, name: str | None = None) -> Any:
+        """Snapshot operations: ``create``, ``list``, ``revert`` or ``delete`` (with ``name``)."""
+        with self._lock:
+            d = self.driver
+            if op == "list":
+                return [_plain(s) for s in d.snapshot_list(self.vm_id)]
+            if name is None:
+                raise InvalidRequest(f"snapshot {op} needs a snapshot name")
+            if op == "create":
+                return _plain(d.snapshot_create(self.vm_id, name))
+            if op == "revert":
+                result = observation(d.snapshot_revert(self.vm_id, name))
+                self.reporter.report_vm(self.vm_id, self.epoch, result)
+                return result
+            if op == "delete":
+                d.snapshot_delete(self.vm_id, name)
+                return None
+            raise InvalidRequest(f"unknown snapshot operation {op!r}")
 
     def converge(self, vm: Mapping[str, Any]) -> dict[str, Any]:
         """Drive the guest to ``vm["desired"]``; report and return what was observed."""

@@ -300,6 +300,8 @@ def cmd_vm(args: argparse.Namespace, settings: Settings) -> int:
         settle = "running" if not args.no_start else "stopped"
     else:
         vm = nc.vms.get(args.ref)
+        if action == "snapshot":
+            return _snapshot(args, vm)
         if action == "show":
             _print_records(args, [vm.record], lambda: _vm_table([vm.record], vm.name))
             return 0
@@ -317,6 +319,34 @@ def cmd_vm(args: argparse.Namespace, settings: Settings) -> int:
         out.print(f"VM {vm.name} deleted")
         return 0
     _print_records(args, [vm.record], lambda: _vm_table([vm.record], vm.name))
+    return 0
+
+
+def _snapshot(args: argparse.Namespace, vm: Any) -> int:
+    op = args.snapshot_cmd
+    if op != "list" and not args.name:
+        raise InvalidRequest(f"vm snapshot {op} needs a snapshot name")
+    if op == "create":
+        result: Any = vm.snapshot(args.name)
+    elif op == "revert":
+        result = vm.revert(args.name).record.model_dump(mode="json")
+    elif op == "delete":
+        vm.delete_snapshot(args.name)
+        result = {"deleted": args.name}
+    else:
+        result = vm.snapshots()
+    if args.json or op != "list":
+        out.print_json(data=result)
+    else:
+        table = Table(title=f"Snapshots of {vm.name}")
+        for col in ("NAME", "STATE", "CREATED", "PARENT"):
+            table.add_column(col)
+        for s in result:
+            table.add_row(s.get("name", ""), s.get("state", ""),
+                          time.strftime("%Y-%m-%d %H:%M:%S",
+                                        time.localtime(s.get("created_at", 0))),
+                          s.get("parent") or "")
+        out.print(table)
     return 0
 
 
@@ -416,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("ref", help="VM id or name")
         if name == "stop":
             p.add_argument("--force", action="store_true", help="power off at once")
+    snap = vsub.add_parser("snapshot", parents=[common], help="create, list, revert, delete")
+    snap.add_argument("snapshot_cmd", choices=["create", "list", "revert", "delete"])
+    snap.add_argument("ref", help="VM id or name")
+    snap.add_argument("name", nargs="?", help="snapshot name")
     for p in vsub.choices.values():
         p.add_argument("--wait", action="store_true", help="wait until the VM settles")
         p.add_argument("--timeout", type=float, default=120.0)

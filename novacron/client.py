@@ -101,6 +101,23 @@ class VMHandle:
         self.record = self._call("delete_vm", self.record.id)
         return self
 
+    def snapshot(self, name: str) -> dict[str, Any]:
+        """Take a snapshot (drivers with the snapshot capability)."""
+        result: dict[str, Any] = self._call("snapshot", self.record.id, "create", name)
+        return result
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("snapshot", self.record.id, "list")
+        return result
+
+    def revert(self, name: str) -> VMHandle:
+        """Return the VM to snapshot ``name``."""
+        self._call("snapshot", self.record.id, "revert", name)
+        return self.refresh()
+
+    def delete_snapshot(self, name: str) -> None:
+        self._call("snapshot", self.record.id, "delete", name)
+
     def wait_for(self, state: VMState | str, timeout: float = 60.0,
                  poll_s: float = 0.2) -> VMHandle:
         """Wait until the VM is in ``state`` (``deleted`` waits for it to be gone)."""

@@ -67,6 +67,10 @@ class Fleet(Protocol):
         """Stop the VM's agent (the VM is gone)."""
         ...
 
+    def call_vm(self, vm: VM, host: Host, method: str, *args: Any) -> Any:
+        """Call a method of the VM's agent and wait for its answer."""
+        ...
+
 
 def vm_from(record: Record) -> VM:
     return VM.model_validate({**record.data, "revision": record.revision})
@@ -301,6 +305,15 @@ class ControlPlane:
         log.info("VM %s: %s requested", vm.id, action)
         self._converge(vm)
         return vm
+
+    def snapshot(self, vm_id: str, op: str, name: str | None = None) -> Any:
+        """Create, list, revert or delete snapshots of a VM through its agent."""
+        vm = self.get_vm(vm_id)
+        self._refuse_if_deleting(vm)
+        if vm.host is None:
+            raise InvalidTransition(f"VM {vm.name!r} is not on a host yet",
+                                    details={"vm": vm.id, "state": vm.state.value})
+        return self.fleet.call_vm(vm, self.get_host(vm.host), "snapshot", op, name)
 
     def delete_vm(self, vm_id: str) -> VM:
         """Ask for the VM to be removed (its guest is stopped and undefined, then the record)."""

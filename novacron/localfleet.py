@@ -65,13 +65,19 @@ class LocalFleet:
         if agent is not None:
             agent.driver.close()
 
-    def converge_vm(self, vm: VM, host: Host) -> None:
+    def _agent(self, vm: VM, host: Host) -> VMAgent:
         agent = self._vms.get(vm.id)
         if agent is None:
             driver = make_driver(self._host_record(host), str(self.state_dir))
             agent = VMAgent(vm.id, driver, self._reporter(), stop_timeout_s=self.stop_timeout_s)
             self._vms[vm.id] = agent
-        self._pool.submit(self._run, agent, vm.model_dump(mode="json"))
+        return agent
+
+    def converge_vm(self, vm: VM, host: Host) -> None:
+        self._pool.submit(self._run, self._agent(vm, host), vm.model_dump(mode="json"))
+
+    def call_vm(self, vm: VM, host: Host, method: str, *args: Any) -> Any:
+        return getattr(self._agent(vm, host), method)(*args)
 
     @staticmethod
     def _run(agent: VMAgent, vm: dict[str, Any]) -> None:

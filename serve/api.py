@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from novacron.errors import InvalidRequest, NotFound
 from novacron.model import VM, Host, HostCreate, VMCreate
@@ -33,6 +33,13 @@ class ActionBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     force: bool = False
+
+
+class SnapshotCreate(BaseModel):
+    """``POST /api/v1/vms/{id}/snapshots``."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
 
 
 class Page(BaseModel):
@@ -161,6 +168,31 @@ def build_app() -> FastAPI:
     async def delete_vm(request: Request, vm_id: str) -> VM:
         vm: VM = await backend_of(request).call("delete_vm", vm_id)
         return vm
+
+    # -- snapshots --------------------------------------------------------------------------
+    @app.get(f"{API}/vms/{{vm_id}}/snapshots", tags=["snapshots"])
+    async def list_snapshots(request: Request, vm_id: str) -> dict[str, Any]:
+        items = await backend_of(request).call("snapshot", vm_id, "list")
+        return {"items": items, "next_cursor": None}
+
+    @app.post(f"{API}/vms/{{vm_id}}/snapshots", status_code=201, tags=["snapshots"])
+    async def create_snapshot(request: Request, vm_id: str,
+                              body: SnapshotCreate) -> dict[str, Any]:
+        snapshot: dict[str, Any] = await backend_of(request).call("snapshot", vm_id, "create",
+                                                                  body.name)
+        return snapshot
+
+    @app.post(f"{API}/vms/{{vm_id}}/snapshots/{{name}}/revert", status_code=202,
+              tags=["snapshots"])
+    async def revert_snapshot(request: Request, vm_id: str, name: str) -> dict[str, Any]:
+        observed: dict[str, Any] = await backend_of(request).call("snapshot", vm_id, "revert",
+                                                                  name)
+        return observed
+
+    @app.delete(f"{API}/vms/{{vm_id}}/snapshots/{{name}}", status_code=204, tags=["snapshots"])
+    async def delete_snapshot(request: Request, vm_id: str, name: str) -> Response:
+        await backend_of(request).call("snapshot", vm_id, "delete", name)
+        return Response(status_code=204)
 
     @app.post(f"{API}/vms/{{vm_id}}/{{action}}", status_code=202, tags=["vms"])
     async def vm_action(request: Request, vm_id: str, action: str,

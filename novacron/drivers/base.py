@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -186,6 +186,27 @@ class Driver(ABC):
     @abstractmethod
     def stats(self, vm_id: str) -> GuestStats:
         """The guest's counters; NotFound if it is not defined here."""
+
+    # -- snapshots (drivers with Capability.SNAPSHOT override these) -----------------------
+    def snapshot_create(self, vm_id: str, name: str, *, description: str = "") -> object:
+        """Take a snapshot called ``name``; returns a dataclass describing it."""
+        self.require(Capability.SNAPSHOT)
+        raise NotImplementedError(f"{self.name} declares snapshots but does not take them")
+
+    def snapshot_list(self, vm_id: str) -> Sequence[object]:
+        """The guest's snapshots, oldest first."""
+        self.require(Capability.SNAPSHOT)
+        raise NotImplementedError(f"{self.name} declares snapshots but does not list them")
+
+    def snapshot_revert(self, vm_id: str, name: str) -> GuestInfo:
+        """Return the guest to snapshot ``name``."""
+        self.require(Capability.SNAPSHOT)
+        raise NotImplementedError(f"{self.name} declares snapshots but does not revert them")
+
+    def snapshot_delete(self, vm_id: str, name: str) -> None:
+        """Delete snapshot ``name``; succeeds if it is already gone."""
+        self.require(Capability.SNAPSHOT)
+        raise NotImplementedError(f"{self.name} declares snapshots but does not delete them")
 
 
 _MODULES: dict[str, str] = {

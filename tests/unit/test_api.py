@@ -172,3 +172,44 @@ def test_bad_input_is_a_clear_4xx_and_changes_nothing(
     assert error["code"] == code
     assert error["message"]
     assert snapshot(plane.store) == before
+
+
+def test_snapshots_over_http(api: tuple[TestClient, ControlPlane]) -> None:
+    pytest.importorskip("libvirt", reason="libvirt-python is not installed")
+    client, _ = api
+    r = client.post(f"{API}/hosts", json={"name": "lv", "driver": "libvirt",
+                                          "uri": "test:///default",
+                                          "capacity": {"cpus": 4, "memory_mib": 8192,
+                                                       "disk_gib": 50},
+                                          "config": {"pool_path": "/novacron"}})
+    assert r.status_code == 201, r.text
+    r = client.post(f"{API}/vms", json={"name": "snappy", "cpus": 1, "memory_mib": 64,
+                                        "host": "lv"})
+    assert r.status_code == 202, r.text
+    vm = r.json()
+    wait_state(client, vm["id"], "running")
+    base = f"{API}/vms/{vm['id']}/snapshots"
+    r = client.post(base, json={"name": "before-upgrade"})
+    assert r.status_code == 201, r.text
+    assert r.json()["name"] == "before-upgrade"
+    assert [s["name"] for s in client.get(base).json()["items"]] == ["before-upgrade"]
+    assert client.post(f"{base}/before-upgrade/revert").status_code == 202
+    assert client.post(f"{base}/no-such/revert").status_code == 404
+    assert client.post(base, json={"name": "bad name!"}).status_code == 422
+    assert client.delete(f"{base}/before-upgrade").status_code == 204
+    assert client.get(base).json()["items"] == []
+    client.delete(f"{API}/vms/{vm['id']}")
+    wait_state(client, vm["id"], "deleted")
+
+
+def test_snapshots_on_a_driver_without_them(api: tuple[TestClient, ControlPlane]) -> None:
+    client, plane = api
+    vm = client.post(f"{API}/vms", json={"name": "nosnap", "cpus": 1, "memory_mib": 64,
+                                         "start": False}).json()
+    wait_state(client, vm["id"], "stopped")
+    before = snapshot(plane.store)
+    r = client.post(f"{API}/vms/{vm['id']}/snapshots", json={"name": "s1"})
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "not_supported"
+    assert "snapshot" in r.json()["error"]["message"]
+    assert snapshot(plane.store) == before
