@@ -13,11 +13,12 @@ import threading
 from typing import Any
 
 from actors.fleet import RayFleet
-from novacron.config import Settings
+from novacron.access import Caller
+from novacron.auth import AuditResult, AuthServices
+from novacron.config import ADMIN_TOKEN_FILE, Settings, write_secret
 from novacron.controlplane import ControlPlane
-from novacron.errors import NovaCronError
-from novacron.model import VM, Host, HostCreate, VMCreate
-from novacron.states import HostState
+from novacron.errors import InvalidRequest, NovaCronError
+from novacron.secured import PUBLIC_METHODS, SecuredPlane
 from novacron.store import OwnerLock, Store
 
 log = logging.getLogger("novacron.actors.controller")
@@ -38,6 +39,11 @@ class ClusterController:
                                   heartbeat_interval_s=self.settings.heartbeat_interval_s,
                                   heartbeat_misses=self.settings.heartbeat_misses,
                                   converge_timeout_s=self.settings.converge_timeout_s)
+        self.secured = SecuredPlane(self.plane, AuthServices.create(self.store))
+        token = self.secured.auth.first_start()
+        if token is not None:
+            write_secret(self.settings.state_dir / ADMIN_TOKEN_FILE, token.get_secret_value())
+            log.info("admin token written to %s", self.settings.state_dir / ADMIN_TOKEN_FILE)
         self.plane.start()
         self._stop = threading.Event()
         threading.Thread(target=self._reconcile_loop, name="reconcile", daemon=True).start()
@@ -55,60 +61,23 @@ class ClusterController:
     # -- liveness -------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "state_dir": str(self.settings.state_dir),
-                "store": str(self.settings.store_path)}
+                "store": str(self.settings.store_path), "hosts": self.store.count("host")}
 
-    def status(self) -> dict[str, Any]:
-        return self.plane.status()
+    # -- what users call (the HTTP API and driver scripts), all through the gate --------------
+    def call(self, method: str, caller: Caller, *args: Any, **kwargs: Any) -> Any:
+        """Run the user-facing operation ``method`` for ``caller`` (see SecuredPlane)."""
+        if method not in PUBLIC_METHODS:
+            raise InvalidRequest(f"no operation {method!r}", details={"method": method})
+        return getattr(self.secured, method)(caller, *args, **kwargs)
 
-    # -- hosts ----------------------------------------------------------------------------------
-    def register_host(self, req: HostCreate) -> Host:
-        return self.plane.register_host(req)
-
-    def get_host(self, name: str) -> Host:
-        return self.plane.get_host(name)
-
-    def list_hosts(self) -> list[Host]:
-        return self.plane.list_hosts()
-
-    def host_stats(self, name: str) -> dict[str, Any]:
-        return self.plane.host_stats(name)
-
-    def all_host_stats(self) -> dict[str, dict[str, Any]]:
-        return self.plane.all_host_stats()
-
-    def set_host_state(self, name: str, state: HostState) -> Host:
-        return self.plane.set_host_state(name, state)
-
-    def delete_host(self, name: str) -> None:
-        self.plane.delete_host(name)
-
-    # -- VMs ------------------------------------------------------------------------------------
-    def create_vm(self, req: VMCreate, tenant: str = "default",
-                  request_id: str | None = None) -> VM:
-        return self.plane.create_vm(req, tenant=tenant, request_id=request_id)
-
-    def get_vm(self, vm_id: str) -> VM:
-        return self.plane.get_vm(vm_id)
-
-    def find_vm(self, ref: str) -> VM:
-        return self.plane.find_vm(ref)
+    def audit_denial(self, entry: dict[str, Any]) -> None:
+        """Record a denial decided elsewhere (an API replica's read)."""
+        self.secured.auth.audit.append(**{**entry, "result": AuditResult(entry["result"])})
 
     def get_vm_record(self, vm_id: str) -> dict[str, Any] | None:
         """The VM as a plain dict (for the lean VMActor), or None once deleted."""
         record = self.store.get("vm", vm_id)
         return None if record is None else {**record.data, "revision": record.revision}
-
-    def list_vms(self, host: str | None = None) -> list[VM]:
-        return self.plane.list_vms(host=host)
-
-    def vm_action(self, vm_id: str, action: str, force: bool = False) -> VM:
-        return self.plane.vm_action(vm_id, action, force=force)
-
-    def snapshot(self, vm_id: str, op: str, name: str | None = None) -> Any:
-        return self.plane.snapshot(vm_id, op, name)
-
-    def delete_vm(self, vm_id: str) -> VM:
-        return self.plane.delete_vm(vm_id)
 
     # -- agents ---------------------------------------------------------------------------------
     def report_vm(self, vm_id: str, epoch: int, observed: dict[str, Any]) -> None:

@@ -9,8 +9,9 @@ import ray
 
 from actors import names, options
 from actors.controller import ClusterController
-from novacron.config import Settings
-from novacron.errors import Unavailable
+from novacron.access import Caller
+from novacron.config import ADMIN_TOKEN_FILE, Settings
+from novacron.errors import Unauthenticated, Unavailable
 from novacron.model import HostCreate, Resources
 
 log = logging.getLogger("novacron.actors.runtime")
@@ -38,14 +39,25 @@ def start_control_plane(settings: Settings, *, timeout_s: float = 120.0) -> Any:
             f"a NovaCron controller for {ping['state_dir']} already runs in namespace "
             f"{settings.namespace!r}; stop it first (novacron down)",
             details={"running_state_dir": ping["state_dir"]})
-    if not ray.get(handle.list_hosts.remote()):
+    if settings.sim_hosts and not ray.get(handle.ping.remote())["hosts"]:
+        admin = Caller.with_token(admin_token(settings))
         for i in range(settings.sim_hosts):
             cpus, mem, disk = SIM_HOST_SHAPES[i % len(SIM_HOST_SHAPES)]
             capacity = {"cpus": cpus, "memory_mib": mem, "disk_gib": disk}
-            ray.get(handle.register_host.remote(HostCreate(
+            ray.get(handle.call.remote("register_host", admin, HostCreate(
                 name=f"sim-{i + 1}", driver="sim", capacity=Resources(**capacity),
                 labels={"zone": f"zone-{i % 2 + 1}"}, config={"capacity": capacity})))
     return handle
+
+
+def admin_token(settings: Settings) -> str:
+    """The admin token the controller wrote into the state directory on its first start."""
+    path = settings.state_dir / ADMIN_TOKEN_FILE
+    try:
+        return path.read_text().strip()
+    except OSError as exc:
+        raise Unauthenticated(f"no admin token at {path}; set NOVACRON_TOKEN to a token "
+                              "with the admin role") from exc
 
 
 def stop_control_plane(namespace: str, *, stop_guests: bool = False) -> dict[str, int]:

@@ -14,7 +14,8 @@ if TYPE_CHECKING:
 
 
 def connect(address: str = "auto", *, namespace: str = "novacron", **kwargs: Any) -> NovaCron:
-    """Attach to the running NovaCron cluster at ``address`` (Ray's address)."""
+    """Attach to the running NovaCron cluster at ``address`` (Ray's address); ``token=`` or
+    ``$NOVACRON_TOKEN`` or ``~/.novacron/admin.token`` authenticates."""
     from novacron.client import connect as _connect
 
     return _connect(address, namespace=namespace, **kwargs)

@@ -165,6 +165,9 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
     out.print(f"  HTTP API        {api}/api/v1   (OpenAPI docs: {api}/docs)")
     out.print(f"  Ray dashboard   http://127.0.0.1:{settings.dashboard_port}")
     out.print(f"  Ray address     {address}")
+    out.print(f"  Admin token     {settings.state_dir / 'admin.token'} (mode 0600): "
+              f"curl -H \"Authorization: Bearer $(cat {settings.state_dir}/admin.token)\" "
+              f"{api}/api/v1/vms")
     out.print("  Try             novacron status | novacron vm list | novacron demo")
     out.print(f"  Stop            novacron down --state-dir {settings.state_dir}"
               "   (guests keep running; add --stop-guests to stop them)")
@@ -203,7 +206,8 @@ def cmd_down(args: argparse.Namespace, settings: Settings) -> int:
 def _connect(args: argparse.Namespace, settings: Settings) -> Any:
     from novacron.client import connect
 
-    return connect(_address(args, settings), namespace=settings.namespace)
+    return connect(_address(args, settings), namespace=settings.namespace,
+                   token=args.token, state_dir=settings.state_dir)
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
@@ -350,6 +354,60 @@ def _snapshot(args: argparse.Namespace, vm: Any) -> int:
     return 0
 
 
+def cmd_auth(args: argparse.Namespace, settings: Settings) -> int:
+    """tenant / token / user / role / binding / audit subcommands."""
+    nc = _connect(args, settings)
+    group, op = args.command, getattr(args, "sub", None)
+    calls: dict[tuple[str, str | None], Callable[[], Any]] = {
+        ("whoami", None): lambda: nc.whoami(),
+        ("tenant", "list"): lambda: nc.call("list_tenants"),
+        ("tenant", "create"): lambda: nc.call("create_tenant", args.name, _quota(args),
+                                              args.require_mfa),
+        ("tenant", "quota"): lambda: nc.call("update_tenant", args.name, _quota(args)),
+        ("tenant", "delete"): lambda: nc.call("delete_tenant", args.name),
+        ("token", "list"): lambda: nc.call("list_tokens", args.tenant),
+        ("token", "create"): lambda: nc.call("create_token", args.name, args.role, args.tenant,
+                                             args.ttl_days * 86400),
+        ("token", "revoke"): lambda: nc.call("revoke_token", args.id),
+        ("user", "list"): lambda: nc.call("list_users", args.tenant),
+        ("user", "create"): lambda: nc.call("create_user", args.name, _password(), args.tenant),
+        ("user", "delete"): lambda: nc.call("delete_user", args.tenant, args.name),
+        ("user", "unlock"): lambda: nc.call("unlock_user", args.tenant, args.name),
+        ("role", "list"): lambda: nc.call("list_roles"),
+        ("role", "put"): lambda: nc.call("put_role", args.name, args.permission,
+                                         args.description),
+        ("role", "delete"): lambda: nc.call("delete_role", args.name),
+        ("binding", "list"): lambda: nc.call("list_bindings", args.tenant),
+        ("binding", "create"): lambda: nc.call("bind", args.principal, args.role, args.tenant),
+        ("binding", "delete"): lambda: nc.call("unbind", args.principal, args.role,
+                                               args.tenant),
+        ("audit", "list"): lambda: nc.call("audit", args.since, args.tenant),
+        ("audit", "verify"): lambda: nc.call("verify_audit"),
+    }
+    result = calls[(group, op)]()
+    if result is not None:
+        out.print_json(data=result)
+    if (group, op) == ("audit", "verify") and not result["intact"]:
+        err.print(f"[bold red]the audit log was tampered with[/] at entry "
+                  f"{result['first_bad_index']}")
+        return 3
+    return 0
+
+
+def _quota(args: argparse.Namespace) -> dict[str, int]:
+    return {k: v for k, v in (("vcpus", args.vcpus), ("memory_mib", args.memory_mib),
+                              ("disk_gib", args.disk_gib), ("vms", args.vms)) if v is not None}
+
+
+def _password() -> str:
+    password = os.environ.get("NOVACRON_PASSWORD")
+    if password:
+        return password
+    import getpass
+
+    return getpass.getpass("password: ")
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from novacron.errors import NotFound
 
@@ -390,6 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--address", help="Ray address of the cluster (default: from state dir)")
     common.add_argument("--namespace", help="Ray namespace (default novacron)")
     common.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    common.add_argument("--token", help="API token (default: $NOVACRON_TOKEN, else the admin "
+                        "token in the state dir)")
     common.add_argument("-v", "--verbose", action="store_true", help="log more")
 
     parser = argparse.ArgumentParser(prog="novacron", description=__doc__, parents=[common])
@@ -454,7 +514,57 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", action="store_true", help="wait until the VM settles")
         p.add_argument("--timeout", type=float, default=120.0)
     vm.set_defaults(func=cmd_vm)
+    _auth_parsers(sub, common)
     return parser
+
+
+_POSITIONAL_TENANT = {("user", "delete"), ("user", "unlock"), ("binding", "create"),
+                      ("binding", "delete")}
+
+
+def _auth_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    sub.add_parser("whoami", parents=[common], help="who the token is").set_defaults(
+        func=cmd_auth)
+    quota = argparse.ArgumentParser(add_help=False)
+    for flag in ("vcpus", "memory-mib", "disk-gib", "vms"):
+        quota.add_argument(f"--{flag}", type=int)
+    groups = {
+        "tenant": {"list": [], "create": ["name", "quota", "mfa"], "quota": ["name", "quota"],
+                   "delete": ["name"]},
+        "token": {"list": ["tenant"], "create": ["name", "role", "tenant", "ttl"],
+                  "revoke": ["id"]},
+        "user": {"list": ["tenant"], "create": ["name", "tenant"],
+                 "delete": ["tenant", "name"], "unlock": ["tenant", "name"]},
+        "role": {"list": [], "put": ["name", "permission", "description"], "delete": ["name"]},
+        "binding": {"list": ["tenant"], "create": ["principal", "role", "tenant"],
+                    "delete": ["principal", "role", "tenant"]},
+        "audit": {"list": ["since", "tenant"], "verify": []},
+    }
+    for group, ops in groups.items():
+        p = sub.add_parser(group, parents=[common], help=f"manage {group}s" if group != "audit"
+                           else "read and verify the audit log")
+        gsub = p.add_subparsers(dest="sub", required=True)
+        for op, fields in ops.items():
+            parents = [common, quota] if "quota" in fields else [common]
+            q = gsub.add_parser(op, parents=parents)
+            for f in fields:
+                if f == "tenant":
+                    required = (group, op) in _POSITIONAL_TENANT
+                    q.add_argument("tenant" if required else "--tenant")
+                elif f == "mfa":
+                    q.add_argument("--require-mfa", action="store_true")
+                elif f == "ttl":
+                    q.add_argument("--ttl-days", type=float, default=90.0)
+                elif f == "since":
+                    q.add_argument("--since", type=int, default=0)
+                elif f == "permission":
+                    q.add_argument("--permission", action="append", default=[],
+                                   help="resource:verb, e.g. vms:read")
+                elif f == "description":
+                    q.add_argument("--description", default="")
+                elif f != "quota":
+                    q.add_argument(f)
+        p.set_defaults(func=cmd_auth)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

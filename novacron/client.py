@@ -11,12 +11,21 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
 
-from novacron.errors import NotFound, NovaCronError, OperationTimeout, Unavailable
+from novacron.access import Caller
+from novacron.config import find_token
+from novacron.errors import (
+    NotFound,
+    NovaCronError,
+    OperationTimeout,
+    Unauthenticated,
+    Unavailable,
+)
 from novacron.model import VM, Host, HostCreate, Resources, VMCreate
 from novacron.states import HostState, VMState
 
@@ -25,15 +34,21 @@ CONTROLLER = "controller"  # actors.names.CONTROLLER; the client does not import
 
 
 class _Controller:
-    """Calls to the controller actor, with Ray's errors turned into NovaCron's."""
+    """Calls to the controller actor with this connection's token, Ray's errors turned into
+    NovaCron's."""
 
-    def __init__(self, handle: Any, timeout_s: float) -> None:
+    def __init__(self, handle: Any, token: str | None, timeout_s: float) -> None:
         self.handle = handle
+        self.token = token
         self.timeout_s = timeout_s
 
     def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if self.token is None:
+            raise Unauthenticated("no API token: set NOVACRON_TOKEN, or pass token= (the admin "
+                                  "token is in <state dir>/admin.token)")
+        caller = Caller.with_token(self.token)
         try:
-            return ray.get(getattr(self.handle, method).remote(*args, **kwargs),
+            return ray.get(self.handle.call.remote(method, caller, *args, **kwargs),
                            timeout=self.timeout_s)
         except RayTaskError as exc:
             if isinstance(exc.cause, NovaCronError):
@@ -202,15 +217,24 @@ class Hosts:
 class NovaCron:
     """A connection to a running NovaCron cluster."""
 
-    def __init__(self, controller: Any, *, timeout_s: float = 60.0) -> None:
-        self._call = _Controller(controller, timeout_s)
+    def __init__(self, controller: Any, *, token: str | None, timeout_s: float = 60.0) -> None:
+        self._call = _Controller(controller, token, timeout_s)
         self.vms = VMs(self._call)
         self.hosts = Hosts(self._call)
 
     def status(self) -> dict[str, Any]:
-        """Counts of hosts and VMs by state, and the store's revision."""
+        """Counts of the hosts and VMs the caller may see, and the store's revision."""
         status: dict[str, Any] = self._call("status")
         return status
+
+    def whoami(self) -> dict[str, Any]:
+        """Who this connection's token is, and its roles."""
+        me: dict[str, Any] = self._call("whoami")
+        return me
+
+    def call(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+        """Any user-facing operation by name (tenants, tokens, users, roles, audit...)."""
+        return self._call(operation, *args, **kwargs)
 
 
 def _require_reachable(address: str) -> None:
@@ -225,9 +249,13 @@ def _require_reachable(address: str) -> None:
                           "up? (start it with: novacron up)", details={"address": address}) from exc
 
 
-def connect(address: str = "auto", *, namespace: str = "novacron",
-            timeout_s: float = 60.0) -> NovaCron:
-    """Attach to the cluster at ``address``; Unavailable if NovaCron is not running there."""
+def connect(address: str = "auto", *, namespace: str = "novacron", token: str | None = None,
+            state_dir: Path | None = None, timeout_s: float = 60.0) -> NovaCron:
+    """Attach to the cluster at ``address``; Unavailable if NovaCron is not running there.
+
+    ``token`` defaults to ``$NOVACRON_TOKEN``, else the admin token in ``state_dir`` (default
+    ``~/.novacron``).
+    """
     if not ray.is_initialized():
         _require_reachable(address)
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `novacron up` starts Ray
@@ -242,4 +270,4 @@ def connect(address: str = "auto", *, namespace: str = "novacron",
     except ValueError as exc:
         raise Unavailable(f"Ray is running but NovaCron is not (no controller in namespace "
                           f"{namespace!r}); start it with: novacron up") from exc
-    return NovaCron(handle, timeout_s=timeout_s)
+    return NovaCron(handle, token=token or find_token(state_dir), timeout_s=timeout_s)

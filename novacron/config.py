@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -34,3 +35,29 @@ class Settings(BaseSettings):
     @property
     def store_path(self) -> Path:
         return self.state_dir / "state.db"
+
+
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` readable by its owner only (mode 0600 from the start)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + "\n")
+    tmp.replace(path)
+
+
+def find_token(state_dir: Path | None = None) -> str | None:
+    """The API token to use: ``$NOVACRON_TOKEN``, else ``<state dir>/admin.token``."""
+    token = os.environ.get("NOVACRON_TOKEN", "").strip()
+    if token:
+        return token
+    path = (state_dir or Path(os.environ.get("NOVACRON_STATE_DIR", "") or default_state_dir()))
+    try:
+        return (path / ADMIN_TOKEN_FILE).read_text().strip() or None
+    except OSError:
+        return None

@@ -145,7 +145,7 @@ class ControlPlane:
                                 details={"host": req.name})
         draft = Host(name=HostName(req.name), driver=req.driver, uri=req.uri,
                      capacity=req.capacity or Resources.zero(), overcommit=req.overcommit,
-                     labels=dict(req.labels), config=dict(req.config))
+                     labels=dict(req.labels), config=dict(req.config), tenant=req.tenant)
         probed = self.fleet.probe_host(draft)
         capacity = req.capacity or Resources(cpus=probed["cpus"], memory_mib=probed["memory_mib"],
                                              disk_gib=probed["disk_gib"])
@@ -221,13 +221,16 @@ class ControlPlane:
 
     # -- VMs --------------------------------------------------------------------------------
     def create_vm(self, req: VMCreate, *, tenant: str = "default",
-                  request_id: str | None = None) -> VM:
+                  request_id: str | None = None,
+                  admit: Callable[[VMSpec, str], None] | None = None) -> VM:
         """Admit, place and record a new VM; its agent then defines (and starts) it.
 
-        ``request_id`` makes a retried create return the VM the first attempt made.
+        ``request_id`` makes a retried create return the VM the first attempt made. ``admit``
+        (e.g. a quota check) runs under the same lock as the write, so two creates cannot both
+        pass it and then overshoot together.
         """
         name_key = f"{tenant}/{req.name}"
-        spec = VMSpec.model_validate(req.model_dump(exclude={"host", "start"}))
+        spec = VMSpec.model_validate(req.model_dump(exclude={"host", "start", "tenant"}))
         for _ in range(_RETRIES):
             with self._lock:
                 taken = self.store.get("vmname", name_key)
@@ -238,6 +241,8 @@ class ControlPlane:
                                         details={"name": req.name, "vm": taken.data["vm"]})
                 if req.host is not None:
                     self.get_host(req.host)  # NotFound for an unknown host
+                if admit is not None:
+                    admit(spec, tenant)
                 engine = self._placement()
                 decision = engine.place(placement_request(spec, pinned=req.host, tenant=tenant))
                 host = self.get_host(decision.host)
@@ -289,8 +294,9 @@ class ControlPlane:
             raise NotFound(f"no VM with id or name {ref!r}", details={"vm": ref})
         return vm_from(record)
 
-    def list_vms(self, *, host: str | None = None) -> list[VM]:
-        return [vm_from(r) for r in self.store.all("vm", where={"host": host} if host else None)]
+    def list_vms(self, *, host: str | None = None, tenant: str | None = None) -> list[VM]:
+        where = {k: v for k, v in (("host", host), ("tenant", tenant)) if v is not None}
+        return [vm_from(r) for r in self.store.all("vm", where=where)]
 
     def vm_action(self, vm_id: str, action: str, *, force: bool = False) -> VM:
         """Ask for start, stop, reboot, pause or resume; InvalidTransition if the state forbids."""

@@ -121,6 +121,7 @@ class VMCreate(VMSpec):
 
     host: Name | None = None
     start: bool = True
+    tenant: Name | None = None  # default: the caller's own tenant
 
 
 class VM(BaseModel):
@@ -155,6 +156,8 @@ class HostCreate(_Strict):
     overcommit: Overcommit = Field(default_factory=Overcommit)
     labels: Labels = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
+    tenant: Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,62})$")] \
+        = "*"  # "*": shared, managed by cluster admins; else dedicated to one tenant
 
 
 class Host(BaseModel):
@@ -170,6 +173,7 @@ class Host(BaseModel):
     allocated: Resources = Field(default_factory=Resources.zero)
     labels: dict[str, str] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
+    tenant: str = "*"
     state: HostState = HostState.UP
     created_at: float = Field(default_factory=time.time)
     revision: int = 0

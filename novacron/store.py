@@ -43,6 +43,9 @@ log = logging.getLogger("novacron.store")
 
 SCHEMA_VERSION = 1
 _SQLITE_MAGIC = b"SQLite format 3\x00"
+# Kinds whose data never enters the event log (credential digests, password hashes, secrets):
+# their events say only that a record changed.
+PRIVATE_KIND_PREFIX = "auth."
 # Fields with an expression index: filtering or sorting on them does not scan the table.
 INDEXED_FIELDS = ("name", "state", "host", "tenant")
 _FIELD = re.compile(r"^[a-z_][a-z0-9_]{0,40}(\.[a-z_][a-z0-9_]{0,40}){0,3}$")
@@ -75,7 +78,8 @@ class Record:
 
 @dataclass(frozen=True)
 class Event:
-    """One change in the log: ``op`` is create, update or delete; ``data`` the new value."""
+    """One change in the log: ``op`` is create, update or delete; ``data`` the new value (for a
+    delete, the value it had), None for private kinds."""
 
     revision: int
     kind: str
@@ -308,8 +312,9 @@ class Store:
         sql.append(f"{sort_expr} FROM records WHERE kind = ?")
         params.append(kind)
         for field, value in (where or {}).items():
-            sql.append(f" AND {_json_path(field)} = ?")
-            params.append(_sql_value(value))
+            clause, values = _condition(field, value)
+            sql.append(f" AND {clause}")
+            params.extend(values)
         order = "DESC" if descending else "ASC"
         cmp = "<" if descending else ">"
         if cursor:
@@ -341,8 +346,9 @@ class Store:
         sql = "SELECT COUNT(*) FROM records WHERE kind = ?"
         params: list[Any] = [kind]
         for field, value in (where or {}).items():
-            sql += f" AND {_json_path(field)} = ?"
-            params.append(_sql_value(value))
+            clause, values = _condition(field, value)
+            sql += f" AND {clause}"
+            params.extend(values)
         return int(self._read(sql, params)[0][0])
 
     def count_by(self, kind: str, field: str) -> dict[str, int]:
@@ -408,12 +414,16 @@ class Store:
                 raise NotFound(f"no {op.kind} {op.key!r}", details={"kind": op.kind,
                                                                      "key": op.key})
             self._check_revision(op.kind, op.key, op.expected_revision, current)
-            revision = self._event(op.kind, op.key, "delete", None)
+            last = self._db.execute("SELECT data FROM records WHERE kind = ? AND key = ?",
+                                    (op.kind, op.key)).fetchone()[0]
+            private = op.kind.startswith(PRIVATE_KIND_PREFIX)
+            self._event(op.kind, op.key, "delete", None if private else last)
             self._db.execute("DELETE FROM records WHERE kind = ? AND key = ?", (op.kind, op.key))
             return None
         self._check_revision(op.kind, op.key, op.expected_revision, current)
         text = json.dumps(op.data, separators=(",", ":"), sort_keys=True)
-        revision = self._event(op.kind, op.key, "update" if row else "create", text)
+        logged = None if op.kind.startswith(PRIVATE_KIND_PREFIX) else text
+        revision = self._event(op.kind, op.key, "update" if row else "create", logged)
         if row:
             self._db.execute("UPDATE records SET revision = ?, data = ? WHERE kind = ? AND key = ?",
                              (revision, text, op.kind, op.key))
@@ -446,6 +456,16 @@ def _json_path(field: str) -> str:
     if not _FIELD.match(field):
         raise InvalidRequest(f"not a field name: {field!r}", details={"field": field})
     return f"json_extract(data, '$.{field}')"
+
+
+def _condition(field: str, value: Any) -> tuple[str, list[Any]]:
+    """``field = value``, or ``field IN (...)`` for a list, tuple, set or frozenset of values."""
+    if isinstance(value, list | tuple | set | frozenset):
+        values = [_sql_value(v) for v in sorted(value, key=str)]
+        if not values:
+            return "0", []
+        return f"{_json_path(field)} IN ({','.join('?' * len(values))})", values
+    return f"{_json_path(field)} = ?", [_sql_value(value)]
 
 
 def _sql_value(value: Any) -> Any:

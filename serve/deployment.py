@@ -11,6 +11,8 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
 
 from actors import names
+from novacron.access import Caller, Gate
+from novacron.auth import AuthServices
 from novacron.config import Settings
 from novacron.errors import NovaCronError, Unavailable
 from novacron.store import Store
@@ -28,6 +30,12 @@ class RayBackend:
         self.namespace = namespace
         self.store = Store(store_path, readonly=True)
         self._controller: Any = None
+        self.gate = Gate(AuthServices.create(self.store).authenticator, self._audit)
+
+    def _audit(self, **entry: Any) -> None:
+        """Denials decided here are appended by the controller (the store's one writer)."""
+        entry["result"] = entry["result"].value
+        self._handle().audit_denial.remote(entry)
 
     def _handle(self) -> Any:
         if self._controller is None:
@@ -37,9 +45,9 @@ class RayBackend:
                 raise Unavailable("the NovaCron controller is not running") from exc
         return self._controller
 
-    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+    async def call(self, method: str, caller: Caller, *args: Any, **kwargs: Any) -> Any:
         try:
-            return await getattr(self._handle(), method).remote(*args, **kwargs)
+            return await self._handle().call.remote(method, caller, *args, **kwargs)
         except RayTaskError as exc:
             if isinstance(exc.cause, NovaCronError):
                 raise exc.cause from None
@@ -50,8 +58,9 @@ class RayBackend:
 
     async def ready(self) -> bool:
         try:
-            await self.call("ping")
-        except (Unavailable, GetTimeoutError):
+            await self._handle().ping.remote()
+        except (Unavailable, GetTimeoutError, ActorDiedError, ActorUnavailableError):
+            self._controller = None
             return False
         return True
 

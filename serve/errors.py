@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from novacron import errors as e
 
@@ -34,6 +35,50 @@ STATUS: list[tuple[type[e.NovaCronError], int]] = [
     (e.Unavailable, 503),
     (e.OperationTimeout, 504),
 ]
+
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class BodyLimit:
+    """ASGI middleware: refuse request bodies over ``MAX_BODY_BYTES`` with 413, whether or not
+    they declare a Content-Length."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            await _too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY_BYTES:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await _too_large(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    response = error_response(413, "payload_too_large",
+                              f"request body over {MAX_BODY_BYTES} bytes")
+    await response(scope, receive, send)
 
 
 def status_of(exc: e.NovaCronError) -> int:

@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from actors.runtime import start_control_plane, stop_control_plane
+from actors.runtime import admin_token, start_control_plane, stop_control_plane
+from novacron.access import Caller
 from novacron.config import Settings
 from novacron.model import HostCreate
 from serve.deployment import deploy, undeploy
@@ -35,12 +36,14 @@ def http(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                         sim_hosts=0, api_port=free_port(), heartbeat_interval_s=0.25,
                         reconcile_interval_s=0.25, stop_timeout_s=5)
     controller = start_control_plane(settings)
+    admin = admin_token(settings)
     for name, cpus in (("e1", 2), ("e2", 4)):
-        ray.get(controller.register_host.remote(HostCreate(
+        ray.get(controller.call.remote("register_host", Caller.with_token(admin), HostCreate(
             name=name, driver="sim", config=sim_host_config(state_dir, cpus=cpus))))
     deploy(settings)
     base = f"http://127.0.0.1:{settings.api_port}"
-    with httpx.Client(base_url=base, timeout=30) as client:
+    with httpx.Client(base_url=base, timeout=30,
+                      headers={"Authorization": f"Bearer {admin}"}) as client:
         deadline = time.monotonic() + 60
         while True:
             try:

@@ -41,10 +41,10 @@ def settings_for(state_dir: Path, namespace: str) -> Settings:
 
 def start(settings: Settings, hosts: int = 2) -> Running:
     start_control_plane(settings)
-    nc = connect(namespace=settings.namespace)
+    nc = connect(namespace=settings.namespace, state_dir=settings.state_dir)
     if not nc.hosts.list():
         for i in range(hosts):
-            nc._call("register_host", HostCreate(
+            nc.call("register_host", HostCreate(
                 name=f"h{i + 1}", driver="sim",
                 config=sim_host_config(settings.state_dir, cpus=4, memory_mib=4096)))
     return Running(settings, nc)

@@ -8,11 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from argon2 import Parameters, Type
 from fastapi.testclient import TestClient
 
+from novacron.auth import AuthServices
 from novacron.controlplane import ControlPlane
 from novacron.localfleet import LocalFleet
 from novacron.model import HostCreate
+from novacron.secured import SecuredPlane
 from novacron.store import Store
 from serve.api import build_app
 from serve.backend import LocalBackend
@@ -20,6 +23,8 @@ from tests.conftest import sim_host_config
 from tests.unit.test_controlplane import snapshot
 
 API = "/api/v1"
+CHEAP_KDF = Parameters(type=Type.ID, version=19, salt_len=16, hash_len=32, time_cost=1,
+                       memory_cost=8, parallelism=1)  # argon2id, fast for tests
 
 
 @pytest.fixture
@@ -31,9 +36,13 @@ def api(state_dir: Path) -> Iterator[tuple[TestClient, ControlPlane]]:
     for name, cpus in (("h1", 2), ("h2", 4)):
         plane.register_host(HostCreate(name=name, driver="sim",
                                        config=sim_host_config(state_dir, cpus=cpus)))
+    secured = SecuredPlane(plane, AuthServices.create(store, password_parameters=CHEAP_KDF))
+    token = secured.auth.first_start()
+    assert token is not None
     app = build_app()
-    app.state.backend = LocalBackend(plane)
-    with TestClient(app, raise_server_exceptions=False) as client:
+    app.state.backend = LocalBackend(secured)
+    with TestClient(app, raise_server_exceptions=False, headers={
+            "Authorization": f"Bearer {token.get_secret_value()}"}) as client:
         yield client, plane
     fleet.close()
     store.close()

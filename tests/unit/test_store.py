@@ -70,7 +70,7 @@ def test_events_follow_every_write(store: Store) -> None:
     assert [(e.op, e.key) for e in events] == [("create", "a"), ("update", "a"), ("delete", "a")]
     assert events[0].revision == a.revision
     assert events[1].data == {"n": 2}
-    assert events[2].data is None
+    assert events[2].data == {"n": 2}  # a delete carries the value it removed
     assert store.events(events[1].revision) == events[2:]
 
 
@@ -205,3 +205,21 @@ def test_page_json_matches_page(store: Store) -> None:
                                               for r in records.records]
     texts, _ = store.page_json("vm")
     assert json.loads(texts[0]) == {"revision": store.require("vm", "empty").revision}
+
+
+def test_private_kinds_keep_their_data_out_of_the_event_log(store: Store) -> None:
+    store.create("auth.user", "acme/alice", {"password_hash": "$argon2id$..."})
+    store.create("vm", "v", {"name": "v"})
+    events = {e.kind: e for e in store.events(0)}
+    assert events["auth.user"].data is None
+    assert events["vm"].data == {"name": "v"}
+    assert store.require("auth.user", "acme/alice").data == {"password_hash": "$argon2id$..."}
+
+
+def test_in_filters(store: Store) -> None:
+    for i, tenant in enumerate(["a", "b", "c", "a"]):
+        store.create("vm", f"v{i}", {"tenant": tenant})
+    assert [r.key for r in store.page("vm", where={"tenant": {"a", "c"}}).records] == [
+        "v0", "v2", "v3"]
+    assert store.page("vm", where={"tenant": set()}).records == []
+    assert store.count("vm", where={"tenant": ["b"]}) == 1
