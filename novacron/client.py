@@ -173,7 +173,7 @@ class VMs:
 
     def get(self, ref: str) -> VMHandle:
         """A VM by id or name."""
-        return VMHandle(self._call, self._call("find_vm", ref))
+        return VMHandle(self._call, self._call("get_vm", ref))
 
     def list(self, *, host: str | None = None) -> list[VMHandle]:
         return [VMHandle(self._call, vm) for vm in self._call("list_vms", host)]

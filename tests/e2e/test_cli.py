@@ -72,7 +72,11 @@ def test_up_create_down_up_down(cli: tuple[list[str], Path, int]) -> None:
     assert "NovaCron is up" in ok("up", *sd, *ports)
     shown = json.loads(ok("vm", "show", "cli-vm", "--json", *sd))[0]
     assert shown["guest_id"] == str(pid)  # re-attached to the same guest
-    listed = httpx.get(f"http://127.0.0.1:{api_port}/api/v1/vms").json()["items"]
+    assert httpx.get(f"http://127.0.0.1:{api_port}/api/v1/vms").status_code == 401
+    token = (state / "admin.token").read_text().strip()
+    assert (state / "admin.token").stat().st_mode & 0o777 == 0o600
+    listed = httpx.get(f"http://127.0.0.1:{api_port}/api/v1/vms",
+                       headers={"Authorization": f"Bearer {token}"}).json()["items"]
     assert [v["name"] for v in listed] == ["cli-vm"]
 
     assert "1 guest(s) stopped" in ok("down", "--stop-guests", *sd)

@@ -42,6 +42,12 @@ def test_a_vm_lives_and_dies_over_http(http: httpx.Client) -> None:
     assert http.post(f"{API}/vms/{vm['id']}/start").status_code == 404
 
 
+def _inventory(http: httpx.Client) -> tuple[Any, Any]:
+    """Every VM and host record (the audit trail aside, what a refusal must not change)."""
+    return (http.get(f"{API}/vms", params={"limit": 1000}).json()["items"],
+            http.get(f"{API}/hosts").json()["items"])
+
+
 @pytest.mark.parametrize(("method", "path", "body", "status"), [
     ("POST", "/vms", b"{oops", 422),
     ("POST", "/vms", {"name": "n", "cpus": 0, "memory_mib": 64}, 422),
@@ -56,13 +62,13 @@ def test_a_vm_lives_and_dies_over_http(http: httpx.Client) -> None:
 ])
 def test_bad_input_is_refused_and_changes_nothing(http: httpx.Client, method: str, path: str,
                                                   body: Any, status: int) -> None:
-    before = http.get("/readyz").json()["revision"]
+    before = _inventory(http)
     kwargs: dict[str, Any] = {"content": body, "headers": {"content-type": "application/json"}} \
         if isinstance(body, bytes) else ({"json": body} if body is not None else {})
     r = http.request(method, API + path, **kwargs)
     assert r.status_code == status, r.text
     assert r.json()["error"]["message"]
-    assert http.get("/readyz").json()["revision"] == before
+    assert _inventory(http) == before
 
 
 def test_duplicate_name_and_invalid_transition(http: httpx.Client) -> None:
