@@ -1,11 +1,11 @@
 """Delta sync as Ray tasks, and ``sync_file``, the driver that runs one sync through them.
 
 The tasks wrap the steps of ``novacron.migration.delta``. Hashing, the heavy part, runs on both
-hosts in parallel, one range per task and ``parallelism`` tasks per host. Each range is planned
-by the driver as soon as both sides' digests are in; it is encoded on the source and applied on
-the target (small tasks that run beside the hashing), its frames travelling through the Ray
-object store, paced by the bandwidth cap. Written ranges become durable with one flush of the
-target per second or so, and only then enter the checkpoint handed to ``on_checkpoint``.
+hosts in parallel, one range per task, ``parallelism`` tasks per host. Each range is planned by
+the driver as soon as both sides' digests are in, then encoded on the source and applied on the
+target between the hashing tasks, its frames travelling through the Ray object store, paced by
+the bandwidth cap. Written ranges become durable with a flush of the target every
+``FLUSH_INTERVAL_S``, and only then enter the checkpoint handed to ``on_checkpoint``.
 
 Tasks run on their host's Ray node, placed by ``actors.options.placement``.
 """
@@ -43,16 +43,20 @@ from novacron.migration.throttle import TokenBucket
 
 log = logging.getLogger("novacron.migration")
 
-FLUSH_INTERVAL_S = 1.0  # how often written ranges are made durable and checkpointed
+FLUSH_INTERVAL_S = 0.25  # how often written ranges are made durable and checkpointed
 
 
-@ray.remote(num_cpus=0)
+# Every task takes a whole CPU: a host then never needs more Ray workers than it has CPUs, so no
+# worker process has to start (and import numpy and friends) in the middle of a sync.
+
+
+@ray.remote(num_cpus=1)
 def stat_image(path: str) -> int:
     """Size of an image (0 when missing)."""
     return os.path.getsize(path) if os.path.exists(path) else 0
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=1)
 def prepare_target(path: str, size: int) -> None:
     """Create the target image if missing and give it the source's size."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -74,7 +78,7 @@ def hash_task(
     return replace(hashes, leaves=b""), hashes.leaves if keep_leaves else b""
 
 
-@ray.remote(num_cpus=0, num_returns=2)
+@ray.remote(num_cpus=1, num_returns=2)
 def encode_task(
     path: str, geometry: Geometry, plan: RangePlan, level: int
 ) -> tuple[bytes, EncodeStats]:
@@ -82,7 +86,7 @@ def encode_task(
     return encode_range(path, geometry, plan, level)
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=1)
 def apply_task(
     path: str, geometry: Geometry, r: int, batch: bytes, leaves: bytes, seeds: Sequence[str]
 ) -> ApplyResult:
@@ -91,7 +95,7 @@ def apply_task(
     return result if result.misses else replace(result, leaves=b"")
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=1)
 def flush_target(path: str) -> None:
     """Make the writes to the target image durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -115,6 +119,8 @@ class _Pending:
 
 
 _HASHING = ("src", "dst", "seed")
+_ON_SOURCE = ("src", "encode")
+_ON_TARGET = ("dst", "seed", "apply", "flush")
 
 
 class _SyncRun:
@@ -142,13 +148,18 @@ class _SyncRun:
     ) -> None:
         self.src, self.dst, self.geometry = src, dst, state.geometry
         self.checkpoint = state
-        # Hashing tasks in flight per host: one queued beyond the running ones, so that a worker
-        # never waits for the driver and the driver (not Ray's queue) picks what runs next.
+        # Tasks in flight per host: one queued beyond the running ones, so that a worker never
+        # waits for the driver, the driver (not Ray's queue) picks what runs next, and no more
+        # workers are needed than the host has CPUs for.
         self.depth = parallelism + 1
         self.level = level
         self.seeds = list(seeds)
         self.bucket = bucket
-        self.src_pin, self.dst_pin = pins
+        src_pin, dst_pin = pins
+        self.hash_on = {"src": hash_task.options(**src_pin), "dst": hash_task.options(**dst_pin)}
+        self.encode = encode_task.options(**src_pin)
+        self.apply = apply_task.options(**dst_pin)
+        self.flush = flush_target.options(**dst_pin)
         self.one_host = one_host
         self.on_checkpoint = on_checkpoint
         self.durable = durable
@@ -177,12 +188,10 @@ class _SyncRun:
         try:
             self._submit()
             while self.pending:
-                ray.wait(list(self.pending), num_returns=1, fetch_local=False)
-                ready, _ = ray.wait(list(self.pending), num_returns=len(self.pending), timeout=0)
-                for ref in ready:
-                    task = self.pending.pop(ref)
-                    self.in_flight[task.kind] -= 1
-                    self._done(ref, task)
+                [ref], _ = ray.wait(list(self.pending), num_returns=1, fetch_local=False)
+                task = self.pending.pop(ref)
+                self.in_flight[task.kind] -= 1
+                self._done(ref, task)
                 self._submit()
         except BaseException:
             for ref in self.pending:
@@ -202,40 +211,33 @@ class _SyncRun:
         self.in_flight[task.kind] += 1
 
     def _room(self, kind: str) -> bool:
-        """Whether the host that runs ``kind`` (a hashing kind) can take one more task."""
+        """Whether the host that runs ``kind`` can take one more task."""
+        kinds: tuple[str, ...] = _ON_SOURCE if kind in _ON_SOURCE else _ON_TARGET
         if self.one_host:
-            busy = sum(self.in_flight[k] for k in _HASHING)
-        elif kind == "src":
-            busy = self.in_flight["src"]
-        else:
-            busy = self.in_flight["dst"] + self.in_flight["seed"]
-        return busy < self.depth
+            kinds = _ON_SOURCE + _ON_TARGET
+        return sum(self.in_flight[k] for k in kinds) < self.depth
 
     def _hash(self, kind: str, path: str, geometry: Geometry, r: int, context: Any = None) -> None:
-        pin = self.src_pin if kind == "src" else self.dst_pin
-        refs = hash_task.options(**pin).remote(path, geometry, r, kind != "seed", kind == "dst")
+        task = self.hash_on["src" if kind == "src" else "dst"]
+        refs = task.remote(path, geometry, r, kind != "seed", kind == "dst")
         digests, leaves = cast("list[ObjectRef[Any]]", refs)
         self._track(digests, _Pending(kind, r, context))
         if kind == "dst":
             self.dst_leaves[r] = leaves
 
     def _submit(self) -> None:
-        """Start what can start: applies and encodes (small), a flush when due, then hashing of
-        the seeds and of the side that is behind."""
-        while self.apply_queue and self.in_flight["apply"] < self.depth:
+        """Start what can start, finishing ranges first: applies, encodes, a flush when due,
+        then hashing of the seeds and of the side that is behind."""
+        while self.apply_queue and self._room("apply"):
             r, batch, encoded = self.apply_queue.popleft()
             if self.bucket is not None:
                 self.bucket.acquire(encoded.size)
             leaves = self.dst_leaves[r]
-            applied = apply_task.options(**self.dst_pin).remote(
-                self.dst, self.geometry, r, batch, leaves, self.seeds
-            )
+            applied = self.apply.remote(self.dst, self.geometry, r, batch, leaves, self.seeds)
             self._track(applied, _Pending("apply", r))
-        while self.encode_queue and self.in_flight["encode"] < self.depth:
+        while self.encode_queue and self._room("encode"):
             plan = self.encode_queue.popleft()
-            refs = encode_task.options(**self.src_pin).remote(
-                self.src, self.geometry, plan, self.level
-            )
+            refs = self.encode.remote(self.src, self.geometry, plan, self.level)
             batch, stats = cast("list[ObjectRef[Any]]", refs)
             self._track(stats, _Pending("encode", plan.range_index, batch))
         self._maybe_flush()
@@ -255,15 +257,15 @@ class _SyncRun:
             )
 
     def _maybe_flush(self) -> None:
-        """Flush the target once a second, and at the end, when written ranges wait for it."""
-        if not self.unflushed or self.in_flight["flush"]:
+        """Flush the target every FLUSH_INTERVAL_S, and at the end, when written ranges wait."""
+        if not self.unflushed or self.in_flight["flush"] or not self._room("flush"):
             return
         others = len(self.pending)
         due = time.monotonic() - self.last_flush >= FLUSH_INTERVAL_S
         if not (due or others == 0):
             return
         ranges, self.unflushed = self.unflushed, []
-        flushed = flush_target.options(**self.dst_pin).remote(self.dst)
+        flushed = self.flush.remote(self.dst)
         self._track(flushed, _Pending("flush", -1, ranges))
         self.last_flush = time.monotonic()
 
@@ -364,7 +366,7 @@ def sync_file(
     blocks are copied locally instead of sent (an earlier copy, the template image). Resuming with
     ``checkpoint`` skips its verified ranges; the checkpoint of this run is passed to
     ``on_checkpoint`` as ranges are verified (and, when ``durable``, flushed to disk on the target
-    host, about once a second). The report says whether the whole image was
+    host, every ``FLUSH_INTERVAL_S``). The report says whether the whole image was
     verified (``report.verified``); an unverified range (the source changed meanwhile) is left out
     of the checkpoint so that a second call redoes it.
     """

@@ -18,6 +18,7 @@ LOCAL_COPY      a ``Location`` plus the xxh3 digest: the receiver already holds 
 from __future__ import annotations
 
 import enum
+import mmap
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -167,9 +168,25 @@ class PageEncoder:
     """Sender side of a memory stream: zero pages elided, pages sent again as XBZRLE deltas
     against the last-sent version kept in a bounded cache, the rest as zstd or raw."""
 
-    def __init__(self, level: int, cache: PageCache) -> None:
+    def __init__(self, level: int, cache: PageCache, page_size: int = 4096) -> None:
         self._blocks = BlockEncoder(level)
         self.cache = cache
+        self.page_size = page_size
+
+    def encode_pages(
+        self,
+        memory: bytes | bytearray | memoryview | mmap.mmap,
+        pages: Iterable[int],
+        *,
+        resend: bool,
+    ) -> bytes:
+        """A batch of frames for ``pages`` of ``memory`` (for instance the dirty log's pages)."""
+        view, size = memoryview(memory), self.page_size
+        with view:
+            return make_batch(
+                self.encode(i, view[i * size : (i + 1) * size].tobytes(), resend=resend)
+                for i in pages
+            )
 
     def encode(self, index: int, page: bytes, *, resend: bool) -> bytes:
         """One frame for ``page``; ``resend`` is False during the first (bulk) pass, whose pages
@@ -202,6 +219,14 @@ class PageDecoder:
         self.page_size = page_size
         self._blocks = BlockDecoder()
         self._zstd = zstandard.ZstdDecompressor()
+
+    def apply_batch(self, batch: bytes | memoryview) -> int:
+        """Apply every frame of a batch; returns how many pages it held."""
+        count = 0
+        for frame in iter_frames(batch):
+            self.apply(frame)
+            count += 1
+        return count
 
     def apply(self, frame: Frame) -> None:
         start = frame.index * self.page_size

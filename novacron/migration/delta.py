@@ -61,21 +61,28 @@ class BlockIndex:
     a sync, so a block found in a seed is copied from there rather than from the image."""
 
     def __init__(self) -> None:
-        self._seeds: dict[bytes, Location] = {}
-        self._image: dict[bytes, Location] = {}
+        self._seeds: dict[bytes, tuple[int, int]] = {}
+        self._image: dict[bytes, int] = {}
 
     def __len__(self) -> int:
         return len(self._seeds.keys() | self._image.keys())
 
     def add(self, source: int, hashes: RangeHashes) -> None:
-        where = self._image if source == IMAGE else self._seeds
-        digests = hashes.digests
-        for i in np.flatnonzero(~hashes.zero_mask()).tolist():
-            digest = digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]
-            where.setdefault(digest, Location(source, hashes.first_block + i))
+        """Index the non-zero blocks of a range of the image (``IMAGE``) or of seed ``source``."""
+        digests, first = hashes.digests, hashes.first_block
+        nonzero = np.flatnonzero(~hashes.zero_mask()).tolist()
+        keys = [digests[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE] for i in nonzero]
+        if source == IMAGE:
+            self._image.update(zip(keys, [first + i for i in nonzero], strict=True))
+        else:
+            self._seeds.update(zip(keys, [(source, first + i) for i in nonzero], strict=True))
 
     def get(self, digest: bytes) -> Location | None:
-        return self._seeds.get(digest) or self._image.get(digest)
+        seed = self._seeds.get(digest)
+        if seed is not None:
+            return Location(*seed)
+        block = self._image.get(digest)
+        return Location(IMAGE, block) if block is not None else None
 
 
 @dataclass(frozen=True)

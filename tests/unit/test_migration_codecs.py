@@ -96,14 +96,9 @@ def test_page_stream_sends_deltas_for_pages_sent_again() -> None:
     decoder = PageDecoder(received, PAGE)
 
     def send(pages: list[int], resend: bool) -> list[FrameKind]:
-        batch = make_batch(
-            encoder.encode(i, bytes(memory[i * PAGE : (i + 1) * PAGE]), resend=resend)
-            for i in pages
-        )
-        frames = list(iter_frames(batch))
-        for frame in frames:
-            decoder.apply(frame)
-        return [f.kind for f in frames]
+        batch = encoder.encode_pages(memory, pages, resend=resend)
+        assert decoder.apply_batch(batch) == len(pages)
+        return [f.kind for f in iter_frames(batch)]
 
     kinds = send(list(range(8)), resend=False)
     assert kinds[1] is FrameKind.ZERO
