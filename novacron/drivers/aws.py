@@ -1,0 +1,567 @@
+"""The AWS driver: an EC2 region under one account is a host; its guests are EC2 instances.
+
+The shared lifecycle (define, then create on first start; epoch fencing; tags) is in
+:mod:`novacron.drivers.cloud`; this module makes the boto3 calls. Instances are created with a
+ClientToken derived from the guest's definition, so a RunInstances retried after a timeout (by
+botocore or by an actor) returns the instance the first call made. Calls retry throttling and
+transient failures through botocore's ``standard`` (or ``adaptive``) retry mode; creates, starts,
+stops and deletes wait through boto3 waiters. Errors are mapped by EC2 error code in
+:meth:`AwsDriver._call`, the one place, keeping AWS's request id.
+
+Host ``config`` keys, besides the shared ones of :mod:`novacron.drivers.cloud`:
+
+``region`` (required)
+    e.g. ``eu-west-1``; checked against the account's region list (DescribeRegions).
+``home_region``
+    where that list is asked (``us-east-1``; another partition needs its own).
+``subnet_id`` / ``security_group_ids`` / ``key_name`` / ``volume_type``
+    passed to RunInstances (volume type ``gp3``).
+``architecture``
+    the processor architecture of the types a guest may get (``x86_64``).
+``retry_mode``
+    ``standard`` or ``adaptive`` (client-side rate limiting after throttling).
+``connect_timeout_s`` / ``read_timeout_s``
+    per attempt (10, 60).
+
+Credentials (``config["credentials"]``): ``default`` (boto3's chain: environment, shared files,
+SSO, instance role), ``env`` (the ``AWS_*`` variables), ``profile`` (a named profile of the shared
+files, re-read when they change) or ``file``: a JSON object with ``aws_access_key_id``,
+``aws_secret_access_key`` and optionally ``aws_session_token`` and ``expiration``, re-read when it
+changes and checked eagerly near its expiration.
+
+Metrics come from CloudWatch (``AWS/EC2``: CPUUtilization, NetworkIn/Out, Disk* and EBS*
+bytes) over the time since the instance last started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar
+
+from novacron.drivers.base import GuestStats, register
+from novacron.drivers.cloud import (
+    TAG_EPOCH,
+    TAG_HOST,
+    TAG_VM_ID,
+    CloudDriver,
+    CredentialWatcher,
+    Definition,
+    Instance,
+    InstanceType,
+    expiry_of,
+    parse_epoch,
+    read_json_file,
+    require_str,
+    tag_key,
+)
+from novacron.errors import (
+    Conflict,
+    DriverError,
+    Forbidden,
+    GuestError,
+    HostUnreachable,
+    InvalidRequest,
+    InvalidTransition,
+    NoCapacity,
+    NotFound,
+    NotSupported,
+    NovaCronError,
+    OperationTimeout,
+    QuotaExceeded,
+    Unauthenticated,
+)
+from novacron.states import VMState
+
+try:
+    import boto3
+    import botocore.config
+    import botocore.exceptions as boto_errors
+    from botocore.parsers import ResponseParserError
+except ImportError as _exc:  # pragma: no cover - depends on the environment
+    raise NotSupported('the aws driver needs boto3: pip install "novacron[aws]"',
+                       details={"driver": "aws"}) from _exc
+
+log = logging.getLogger("novacron.drivers.aws")
+
+# EC2 instance state name -> VM state; anything else is UNKNOWN.
+STATES: Mapping[str, VMState] = {
+    "pending": VMState.STARTING,
+    "running": VMState.RUNNING,
+    "stopping": VMState.STOPPING,
+    "stopped": VMState.STOPPED,
+    "shutting-down": VMState.DELETING,
+    "terminated": VMState.DELETED,
+}
+_LIVE = ["pending", "running", "stopping", "stopped", "shutting-down"]
+
+THROTTLE_CODES = frozenset({
+    "RequestLimitExceeded", "Throttling", "ThrottlingException", "ThrottledException",
+    "RequestThrottledException", "TooManyRequestsException", "EC2ThrottledException",
+    "RequestThrottled", "SlowDown", "PriorRequestNotComplete"})
+
+# EC2 (and CloudWatch, Service Quotas, STS) error code -> NovaCron error.
+ERRORS: Mapping[str, type[NovaCronError]] = {
+    "InvalidInstanceID.NotFound": NotFound,
+    "InvalidAMIID.NotFound": NotFound,
+    "InvalidAMIID.Unavailable": NotFound,
+    "InvalidSubnetID.NotFound": NotFound,
+    "InvalidGroup.NotFound": NotFound,
+    "InvalidKeyPair.NotFound": NotFound,
+    "NoSuchResourceException": NotFound,
+    "InvalidParameterValue": InvalidRequest,
+    "InvalidParameter": InvalidRequest,
+    "InvalidParameterCombination": InvalidRequest,
+    "MissingParameter": InvalidRequest,
+    "UnknownParameter": InvalidRequest,
+    "InvalidInstanceType": InvalidRequest,
+    "InvalidInstanceType.NotFound": InvalidRequest,
+    "InvalidAMIID.Malformed": InvalidRequest,
+    "InvalidInstanceID.Malformed": InvalidRequest,
+    "InvalidBlockDeviceMapping": InvalidRequest,
+    "ValidationError": InvalidRequest,
+    "ValidationException": InvalidRequest,
+    "IncorrectInstanceState": InvalidTransition,
+    "IncorrectState": InvalidTransition,
+    "IdempotentParameterMismatch": Conflict,
+    "InstanceLimitExceeded": QuotaExceeded,
+    "VcpuLimitExceeded": QuotaExceeded,
+    "VolumeLimitExceeded": QuotaExceeded,
+    "MaxIOPSLimitExceeded": QuotaExceeded,
+    "ResourceLimitExceeded": QuotaExceeded,
+    "ServiceQuotaExceededException": QuotaExceeded,
+    "InsufficientInstanceCapacity": NoCapacity,
+    "InsufficientHostCapacity": NoCapacity,
+    "InsufficientReservedInstanceCapacity": NoCapacity,
+    "InsufficientCapacity": NoCapacity,
+    "InsufficientFreeAddressesInSubnet": NoCapacity,
+    "AuthFailure": Unauthenticated,
+    "InvalidClientTokenId": Unauthenticated,
+    "SignatureDoesNotMatch": Unauthenticated,
+    "IncompleteSignature": Unauthenticated,
+    "MissingAuthenticationToken": Unauthenticated,
+    "ExpiredToken": Unauthenticated,
+    "RequestExpired": Unauthenticated,
+    "UnrecognizedClientException": Unauthenticated,
+    "UnauthorizedOperation": Forbidden,
+    "AccessDenied": Forbidden,
+    "AccessDeniedException": Forbidden,
+    "OptInRequired": Forbidden,
+    "Blocked": Forbidden,
+    "Unsupported": NotSupported,
+    "UnsupportedOperation": NotSupported,
+    "InternalError": HostUnreachable,
+    "InternalFailure": HostUnreachable,
+    "ServiceUnavailable": HostUnreachable,
+    "Unavailable": HostUnreachable,
+    **dict.fromkeys(THROTTLE_CODES, HostUnreachable),
+}
+
+_VCPU_QUOTA = ("ec2", "L-1216C47A")  # Running On-Demand Standard (A, C, D, H, I, M, R, T, Z)
+_OWN_KEYS = frozenset({"region", "home_region", "subnet_id", "security_group_ids", "key_name",
+                       "volume_type", "architecture", "retry_mode", "connect_timeout_s",
+                       "read_timeout_s"})
+_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# CloudWatch metric -> (statistic, GuestStats field); CPU is turned into seconds.
+_METRICS: Mapping[str, tuple[str, str]] = {
+    "CPUUtilization": ("Average", "cpu_time_s"),
+    "NetworkIn": ("Sum", "net_rx_bytes"),
+    "NetworkOut": ("Sum", "net_tx_bytes"),
+    "DiskReadBytes": ("Sum", "disk_read_bytes"),
+    "DiskWriteBytes": ("Sum", "disk_written_bytes"),
+    "EBSReadBytes": ("Sum", "disk_read_bytes"),
+    "EBSWriteBytes": ("Sum", "disk_written_bytes"),
+}
+_MAX_POINTS = 1440  # CloudWatch datapoints per metric asked for at most
+
+
+def map_error(err: Exception, context: str, **details: Any) -> NovaCronError:
+    """The NovaCron error for a botocore exception; ``context`` says what was being done."""
+    if isinstance(err, boto_errors.ClientError):
+        error = err.response.get("Error", {})
+        meta = err.response.get("ResponseMetadata", {})
+        code = str(error.get("Code", "Unknown"))
+        request_id = meta.get("RequestId") or err.response.get("RequestID")
+        cls = ERRORS.get(code, DriverError)
+        throttled = code in THROTTLE_CODES
+        message = error.get("Message") or str(err)
+        if throttled:
+            message = (f"AWS kept throttling the request after {meta.get('RetryAttempts', 0)} "
+                       f"retries: {message}")
+        return cls(f"{context}: {message} (AWS {code}, request {request_id})", details={
+            **details, "provider": "aws", "provider_code": code, "request_id": request_id,
+            "http_status": meta.get("HTTPStatusCode"), "throttled": throttled})
+    if isinstance(err, boto_errors.NoCredentialsError | boto_errors.PartialCredentialsError):
+        return Unauthenticated(f"{context}: {err}", details={**details, "provider": "aws"})
+    if isinstance(err, boto_errors.ProfileNotFound):
+        return InvalidRequest(f"{context}: {err}", details={**details, "provider": "aws"})
+    if isinstance(err, boto_errors.ParamValidationError):
+        return InvalidRequest(f"{context}: {err}", details={**details, "provider": "aws"})
+    if isinstance(err, boto_errors.ReadTimeoutError):
+        return OperationTimeout(f"{context}: {err}", details={**details, "provider": "aws"})
+    if isinstance(err, boto_errors.EndpointConnectionError | boto_errors.ConnectionError):
+        return HostUnreachable(f"{context}: {err}", details={**details, "provider": "aws"})
+    return DriverError(f"{context}: {err}", details={**details, "provider": "aws"})
+
+
+@register
+class AwsDriver(CloudDriver):
+    """EC2 instances of one region (see the module docstring)."""
+
+    name: ClassVar[str] = "aws"
+    provider_label: ClassVar[str] = "AWS"
+    instance_type_label: ClassVar[str] = "aws.instance_type"
+
+    def __init__(self, host: str, uri: str | None, config: Mapping[str, Any],
+                 state_dir: Path) -> None:
+        super().__init__(host, uri, config, state_dir, _OWN_KEYS)
+        c = self.config
+        self.region = require_str(self.name, c, "region")
+        self.home_region = str(c.get("home_region", "us-east-1"))
+        self.architecture = str(c.get("architecture", "x86_64"))
+        self.volume_type = str(c.get("volume_type", "gp3"))
+        self.retry_mode = str(c.get("retry_mode", "standard"))
+        if self.retry_mode not in ("standard", "adaptive"):
+            raise InvalidRequest(f"aws retry_mode must be standard or adaptive, not "
+                                 f"{self.retry_mode!r}", details={"driver": self.name})
+        self._launch = {k: v for k, v in (("SubnetId", c.get("subnet_id")),
+                                           ("SecurityGroupIds", c.get("security_group_ids")),
+                                           ("KeyName", c.get("key_name"))) if v}
+        self._timeouts = (float(c.get("connect_timeout_s", 10.0)),
+                          float(c.get("read_timeout_s", 60.0)))
+        self._clients: dict[str, Any] = {}
+        self._account = "unknown"
+
+    # -- clients ----------------------------------------------------------------------------
+    def _credential_watcher(self) -> CredentialWatcher:
+        ref = self.settings.credentials
+        files: list[Path] = []
+        if ref.source == "file" and ref.path is not None:
+            files = [ref.path]
+        elif ref.source in ("profile", "default"):
+            files = [Path(os.environ.get("AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")),
+                     Path(os.environ.get("AWS_CONFIG_FILE", "~/.aws/config"))]
+            files = [f.expanduser() for f in files]
+        env = _ENV if ref.source in ("env", "default") else ()
+        return CredentialWatcher(env, files,
+                                 check_interval_s=self.settings.credential_check_interval_s)
+
+    def _session(self) -> Any:
+        ref = self.settings.credentials
+        if ref.source == "file":
+            assert ref.path is not None
+            data = read_json_file(ref.path, self.name)
+            try:
+                keys = {"aws_access_key_id": data["aws_access_key_id"],
+                        "aws_secret_access_key": data["aws_secret_access_key"],
+                        "aws_session_token": data.get("aws_session_token")}
+            except KeyError as exc:
+                raise Unauthenticated(f"the aws credentials file {ref.path} lacks {exc}",
+                                      details={"driver": self.name}) from None
+            if self._watcher is not None:
+                self._watcher.expires_at = expiry_of(data, "expiration", "Expiration")
+            return boto3.Session(region_name=self.region, **keys)
+        if ref.source == "env":
+            missing = [n for n in _ENV[:2] if not os.environ.get(n)]
+            if missing:
+                raise Unauthenticated(f"aws credentials from the environment need {missing}",
+                                      details={"driver": self.name})
+            return boto3.Session(region_name=self.region,
+                                 aws_access_key_id=os.environ[_ENV[0]],
+                                 aws_secret_access_key=os.environ[_ENV[1]],
+                                 aws_session_token=os.environ.get(_ENV[2]))
+        with self._call("open the aws profile"):
+            return boto3.Session(region_name=self.region, profile_name=ref.profile)
+
+    def _build_clients(self) -> None:
+        session = self._session()
+        config = botocore.config.Config(
+            retries={"mode": self.retry_mode, "total_max_attempts": self.settings.max_attempts},
+            connect_timeout=self._timeouts[0], read_timeout=self._timeouts[1],
+            user_agent_extra="novacron")
+        url = self.settings.endpoint_url
+        clients = {
+            "ec2": session.client("ec2", config=config, endpoint_url=url),
+            "home": session.client("ec2", config=config, endpoint_url=url,
+                                   region_name=self.home_region),
+            "cloudwatch": session.client("cloudwatch", config=config, endpoint_url=url),
+            "quotas": session.client("service-quotas", config=config, endpoint_url=url),
+        }
+        for client in clients.values():
+            client.meta.events.register("needs-retry", self._count_throttle)
+        self._clients = clients
+
+    def _close_clients(self) -> None:
+        for client in self._clients.values():
+            client.close()
+        self._clients = {}
+
+    def _client(self, name: str) -> Any:
+        self.ensure_clients()
+        return self._clients[name]
+
+    def _count_throttle(self, response: Any = None, **_: Any) -> None:
+        """botocore ``needs-retry`` hook: count attempts AWS answered with throttling."""
+        if response is not None and response[1].get("Error", {}).get("Code") in THROTTLE_CODES:
+            self.health.throttled()
+
+    @contextlib.contextmanager
+    def _call(self, context: str, **details: Any) -> Iterator[None]:
+        """Run AWS calls, mapping any botocore error into NovaCron's tree (the one place)."""
+        try:
+            yield
+        except boto_errors.WaiterError as err:
+            raise self.note_error(self._waiter_error(err, context, details)) from err
+        except (boto_errors.BotoCoreError, boto_errors.ClientError, ResponseParserError) as err:
+            raise self.note_error(map_error(err, context, host=self.host, **details)) from err
+        self.health.succeeded()
+
+    def _waiter_error(self, err: Any, context: str, details: Mapping[str, Any]) -> NovaCronError:
+        last = err.last_response or {}
+        if "Error" in last:
+            return map_error(boto_errors.ClientError(last, "Waiter"), context, host=self.host,
+                             **details)
+        if "Max attempts exceeded" in str(err.kwargs.get("reason", "")):
+            return OperationTimeout(f"{context}: timed out waiting on AWS ({err})",
+                                    details={**details, "host": self.host, "provider": "aws"})
+        reasons = [i.get("StateReason", {}).get("Message", "")
+                   for r in last.get("Reservations", []) for i in r.get("Instances", [])]
+        return GuestError(f"{context}: {err}; {'; '.join(r for r in reasons if r)}".rstrip("; "),
+                          details={**details, "host": self.host, "provider": "aws"})
+
+    def _wait(self, waiter: str, instance_id: str, context: str,
+              timeout_s: float | None = None) -> None:
+        with self._call(context, instance_id=instance_id):
+            self._client("ec2").get_waiter(waiter).wait(
+                InstanceIds=[instance_id],
+                WaiterConfig={"Delay": self.settings.poll_interval_s,
+                              "MaxAttempts": self.polls(timeout_s)})
+
+    # -- region, catalogue, quota -----------------------------------------------------------
+    def _location(self) -> str:
+        return self.region
+
+    def _catalogue_scope(self) -> str:
+        return f"{self.region}|{self.architecture}"
+
+    def _check_location(self) -> None:
+        with self._call("list the AWS regions", region=self.region):
+            regions = self._clients["home"].describe_regions(AllRegions=True)["Regions"]
+        status = {r["RegionName"]: r.get("OptInStatus", "") for r in regions}
+        if self.region not in status:
+            raise self.note_error(InvalidRequest(
+                f"unknown AWS region {self.region!r}; this account knows: "
+                f"{', '.join(sorted(status))}", details={"region": self.region,
+                                                         "provider": "aws"}))
+        if status[self.region] == "not-opted-in":
+            raise self.note_error(Forbidden(
+                f"AWS region {self.region} is not enabled for this account (opt in first)",
+                details={"region": self.region, "provider": "aws"}))
+
+    def _load_types(self) -> list[InstanceType]:
+        filters = [{"Name": "supported-usage-class", "Values": ["on-demand"]},
+                   {"Name": "processor-info.supported-architecture",
+                    "Values": [self.architecture]}]
+        types: list[InstanceType] = []
+        with self._call("list the EC2 instance types", region=self.region):
+            pages = self._client("ec2").get_paginator("describe_instance_types").paginate(
+                Filters=filters)
+            for page in pages:
+                types.extend(InstanceType(t["InstanceType"], int(t["VCpuInfo"]["DefaultVCpus"]),
+                                          int(t["MemoryInfo"]["SizeInMiB"]))
+                             for t in page["InstanceTypes"])
+        return types
+
+    def _quota_vcpus(self) -> float | None:
+        service, code = _VCPU_QUOTA
+        quotas = self._client("quotas")
+        for read in (quotas.get_service_quota, quotas.get_aws_default_service_quota):
+            try:
+                with self._call("read the EC2 vCPU quota", quota=code):
+                    return float(read(ServiceCode=service, QuotaCode=code)["Quota"]["Value"])
+            except NotFound:
+                continue
+        return None
+
+    # -- instances --------------------------------------------------------------------------
+    def _parse(self, raw: Mapping[str, Any]) -> Instance:
+        tags = {t["Key"]: t["Value"] for t in raw.get("Tags", [])}
+        state = raw["State"]["Name"]
+        launched = raw.get("LaunchTime")
+        return Instance(vm_id=tags.get(tag_key(TAG_VM_ID), ""), instance_id=raw["InstanceId"],
+                        state=STATES.get(state, VMState.UNKNOWN), raw_state=state,
+                        epoch=parse_epoch(tags.get(tag_key(TAG_EPOCH))),
+                        instance_type=raw.get("InstanceType", ""),
+                        started_at=launched.timestamp() if launched else None)
+
+    def _describe(self, context: str, filters: list[dict[str, Any]],
+                  **details: Any) -> list[Instance]:
+        found: list[Instance] = []
+        paging = {"PageSize": self.settings.page_size} if self.settings.page_size else {}
+        with self._call(context, **details):
+            pages = self._client("ec2").get_paginator("describe_instances").paginate(
+                Filters=[*filters, {"Name": f"tag:{tag_key(TAG_HOST)}", "Values": [self.host]},
+                         {"Name": "instance-state-name", "Values": _LIVE}],
+                PaginationConfig=paging)
+            for page in pages:
+                found.extend(self._parse(i) for r in page["Reservations"]
+                             for i in r["Instances"])
+        return found
+
+    def _find(self, vm_id: str) -> Instance | None:
+        found = self._describe("find the instance of guest " + vm_id,
+                               [{"Name": f"tag:{tag_key(TAG_VM_ID)}", "Values": [vm_id]}],
+                               vm_id=vm_id)
+        if len(found) > 1:
+            log.error("guest %s has %d instances on %s: %s", vm_id, len(found), self.host,
+                      [i.instance_id for i in found])
+        return min(found, key=lambda i: i.started_at or 0.0, default=None)
+
+    def _by_id(self, instance_id: str, context: str) -> Instance:
+        with self._call(context, instance_id=instance_id):
+            reservations = self._client("ec2").describe_instances(
+                InstanceIds=[instance_id])["Reservations"]
+        return self._parse(reservations[0]["Instances"][0])
+
+    def _list_instances(self) -> list[Instance]:
+        return self._describe(f"list the instances of host {self.host}", [])
+
+    def _create(self, definition: Definition, epoch: int) -> Instance:
+        vm_id = definition.vm_id
+        context = f"create the instance of guest {vm_id}"
+        with self._call(context, vm_id=vm_id, image=definition.image):
+            images = self._client("ec2").describe_images(ImageIds=[definition.image])["Images"]
+        if not images:
+            raise self.note_error(NotFound(
+                f"{context}: image {definition.image} does not exist in {self.region}",
+                details={"vm_id": vm_id, "image": definition.image, "provider": "aws"}))
+        raw = self._run(definition, epoch, images[0], context)
+        if raw["State"]["Name"] in ("shutting-down", "terminated"):
+            # The token's instance was deleted since: a new definition nonce, a new instance.
+            log.warning("the instance %s of guest %s was deleted outside NovaCron; creating "
+                        "another", raw["InstanceId"], vm_id)
+            raw = self._run(self.definitions.renew(definition), epoch, images[0], context)
+        self._wait("instance_running", raw["InstanceId"], context)
+        return self._by_id(raw["InstanceId"], context)
+
+    def _run(self, definition: Definition, epoch: int, image: Mapping[str, Any],
+             context: str) -> Any:
+        tags = self.tags(definition.vm_id, epoch, definition.name)
+        root: Mapping[str, Any] = next((m for m in image.get("BlockDeviceMappings", [])
+                     if m.get("DeviceName") == image.get("RootDeviceName")), {})
+        size = max(definition.disk_gib, int(root.get("Ebs", {}).get("VolumeSize", 0)))
+        with self._call(context, vm_id=definition.vm_id,
+                        instance_type=definition.instance_type):
+            reservation = self._client("ec2").run_instances(
+                ImageId=definition.image, InstanceType=definition.instance_type,
+                MinCount=1, MaxCount=1, ClientToken=definition.token(self.host),
+                BlockDeviceMappings=[{"DeviceName": image.get("RootDeviceName", "/dev/xvda"),
+                                      "Ebs": {"VolumeSize": size,
+                                              "VolumeType": self.volume_type,
+                                              "DeleteOnTermination": True}}],
+                TagSpecifications=[
+                    {"ResourceType": "instance",
+                     "Tags": [{"Key": k, "Value": v} for k, v in
+                              {**tags, "Name": definition.name}.items()]},
+                    {"ResourceType": "volume",
+                     "Tags": [{"Key": tag_key(k), "Value": tags[tag_key(k)]}
+                              for k in (TAG_VM_ID, TAG_HOST)]}],
+                **self._launch)
+        return reservation["Instances"][0]
+
+    def _set_epoch(self, instance: Instance, epoch: int) -> None:
+        with self._call(f"record epoch {epoch} on guest {instance.vm_id}",
+                        instance_id=instance.instance_id):
+            self._client("ec2").create_tags(
+                Resources=[instance.instance_id],
+                Tags=[{"Key": tag_key(TAG_EPOCH), "Value": str(epoch)}])
+
+    def _power_on(self, instance: Instance) -> Instance:
+        context = f"start guest {instance.vm_id}"
+        if instance.state == VMState.STOPPING:
+            self._wait("instance_stopped", instance.instance_id, context)
+        with self._call(context, instance_id=instance.instance_id):
+            self._client("ec2").start_instances(InstanceIds=[instance.instance_id])
+        self._wait("instance_running", instance.instance_id, context)
+        return self._by_id(instance.instance_id, context)
+
+    def _power_off(self, instance: Instance, *, force: bool, timeout_s: float) -> Instance:
+        context = f"stop guest {instance.vm_id}"
+        ec2 = self._client("ec2")
+        with self._call(context, instance_id=instance.instance_id):
+            ec2.stop_instances(InstanceIds=[instance.instance_id], Force=force)
+        try:
+            self._wait("instance_stopped", instance.instance_id, context,
+                       None if force else timeout_s)
+        except OperationTimeout:
+            if force:
+                raise
+            log.warning("guest %s did not shut down in %.0f s; forcing it off", instance.vm_id,
+                        timeout_s)
+            with self._call(context, instance_id=instance.instance_id):
+                ec2.stop_instances(InstanceIds=[instance.instance_id], Force=True)
+            self._wait("instance_stopped", instance.instance_id, context)
+        return self._by_id(instance.instance_id, context)
+
+    def _restart(self, instance: Instance) -> Instance:
+        with self._call(f"reboot guest {instance.vm_id}", instance_id=instance.instance_id):
+            self._client("ec2").reboot_instances(InstanceIds=[instance.instance_id])
+        return instance
+
+    def _destroy(self, instance: Instance, *, delete_storage: bool) -> None:
+        context = f"delete the instance of guest {instance.vm_id}"
+        ec2 = self._client("ec2")
+        with self._call(context, instance_id=instance.instance_id):
+            if not delete_storage:
+                raw = ec2.describe_instances(InstanceIds=[instance.instance_id])
+                mappings = raw["Reservations"][0]["Instances"][0].get("BlockDeviceMappings", [])
+                if mappings:
+                    ec2.modify_instance_attribute(
+                        InstanceId=instance.instance_id,
+                        BlockDeviceMappings=[{"DeviceName": m["DeviceName"],
+                                              "Ebs": {"DeleteOnTermination": False}}
+                                             for m in mappings])
+            ec2.terminate_instances(InstanceIds=[instance.instance_id])
+        self._wait("instance_terminated", instance.instance_id, context)
+
+    # -- metrics ----------------------------------------------------------------------------
+    def _metrics(self, instance: Instance) -> GuestStats:
+        if instance.started_at is None:
+            return GuestStats()
+        first = math.floor(instance.started_at / 60) * 60  # whole minutes, as CloudWatch keeps
+        last = max(first + 60, math.ceil(time.time() / 60) * 60)
+        start, end = (datetime.fromtimestamp(t, UTC) for t in (first, last))
+        period = 60 * max(1, math.ceil((last - first) / 60 / _MAX_POINTS))
+        queries = [{"Id": f"m{i}", "ReturnData": True,
+                    "MetricStat": {"Metric": {"Namespace": "AWS/EC2", "MetricName": metric,
+                                              "Dimensions": [{"Name": "InstanceId",
+                                                              "Value": instance.instance_id}]},
+                                   "Period": period, "Stat": stat}}
+                   for i, (metric, (stat, _)) in enumerate(_METRICS.items())]
+        totals = dict.fromkeys(_METRICS, 0.0)
+        with self._call(f"read the metrics of guest {instance.vm_id}",
+                        instance_id=instance.instance_id):
+            paginator = self._client("cloudwatch").get_paginator("get_metric_data")
+            for page in paginator.paginate(MetricDataQueries=queries, StartTime=start,
+                                           EndTime=end):
+                for result in page["MetricDataResults"]:
+                    metric = list(_METRICS)[int(result["Id"][1:])]
+                    totals[metric] += sum(result["Values"])
+        vcpus = self.catalogue.types().get(instance.instance_type)
+        fields: dict[str, float] = {}
+        for metric, (_, name) in _METRICS.items():
+            value = totals[metric]
+            if metric == "CPUUtilization":
+                value = value / 100.0 * period * (vcpus.vcpus if vcpus else 1)
+            fields[name] = fields.get(name, 0.0) + value
+        return GuestStats(cpu_time_s=fields["cpu_time_s"],
+                          disk_read_bytes=int(fields["disk_read_bytes"]),
+                          disk_written_bytes=int(fields["disk_written_bytes"]),
+                          net_rx_bytes=int(fields["net_rx_bytes"]),
+                          net_tx_bytes=int(fields["net_tx_bytes"]))

@@ -1,0 +1,48 @@
+"""pytest plugin of the cloud fakes: session fixtures that start them, and the live-cloud flags.
+
+Test modules load it with ``pytest_plugins = ["tests.fakes.plugin"]``. The ``--aws``, ``--azure``
+and ``--gcp`` flags (live smoke tests against real clouds) exist when the plugin is loaded at
+start-up: ``pytest -p tests.fakes.plugin --aws tests/unit/test_cloud_live.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.fakes.moto_server import FaultProxy, moto_server
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("novacron-clouds", "live cloud smoke tests")
+    for cloud in ("aws", "azure", "gcp"):
+        group.addoption(f"--{cloud}", action="store_true", default=False,
+                        help=f"run the live {cloud} smoke tests (real credentials, real costs)")
+
+
+def live_enabled(config: pytest.Config, cloud: str) -> bool:
+    """Whether ``--<cloud>`` was given (False when the plugin was loaded too late for flags)."""
+    return bool(config.getoption(f"--{cloud}", default=False))
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    """moto in server mode on 127.0.0.1, warmed once per session."""
+    with moto_server() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def aws_proxy_session(moto_url: str) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(moto_url)
+    yield proxy
+    proxy.close()
+
+
+@pytest.fixture
+def aws_proxy(aws_proxy_session: FaultProxy) -> Iterator[FaultProxy]:
+    """The fault proxy in front of moto, clean for each test."""
+    aws_proxy_session.reset()
+    yield aws_proxy_session
+    aws_proxy_session.reset()
