@@ -58,14 +58,22 @@ class Gate:
             raise
 
     def check(self, caller: Caller, principal: Principal, resource: Resource, verb: Verb,
-              tenant: str, target: str | None = None) -> None:
-        """Allow ``resource:verb`` on ``tenant``'s object ``target``, or raise (audited)."""
+              tenant: str, target: str | None = None, *,
+              hidden: NovaCronError | None = None) -> None:
+        """Allow ``resource:verb`` on ``tenant``'s object ``target``, or raise (audited).
+
+        ``hidden`` is the error a missing object would get: an object the caller may not even
+        see (another tenant's, or a cluster-wide one) answers exactly that, so a refusal never
+        tells whether it exists.
+        """
         decision = decide(principal, Action(resource, verb), tenant)
         if decision.allowed:
             return
         self._record(actor=principal.id, action=f"{resource.value}:{verb.value}",
                      result=AuditResult.DENIED, tenant=tenant, target=target,
                      request_id=caller.request_id, detail={"reason": decision.reason})
+        if hidden is not None and (not decision.visible or tenant == ALL_TENANTS):
+            raise hidden
         if tenant == ALL_TENANTS:
             raise Forbidden(f"not allowed to {verb.value} {resource.value} cluster-wide",
                             details={"action": f"{resource.value}:{verb.value}"})

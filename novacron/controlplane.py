@@ -27,6 +27,7 @@ from novacron.errors import (
 from novacron.ids import HostName, VMId, new_id
 from novacron.model import VM, Host, HostCreate, Resources, VMCreate, VMSpec
 from novacron.placement import Affinity, PlacementEngine, PlacementRequest, VMPlacementInfo
+from novacron.placement.fleet import TENANTS_LABEL
 from novacron.states import (
     SETTLED,
     HostState,
@@ -143,9 +144,12 @@ class ControlPlane:
         if self.store.get("host", req.name) is not None:
             raise AlreadyExists(f"a host named {req.name!r} already exists",
                                 details={"host": req.name})
+        labels = dict(req.labels)
+        if req.tenant != "*":
+            labels[TENANTS_LABEL] = req.tenant  # a dedicated host takes its tenant's VMs only
         draft = Host(name=HostName(req.name), driver=req.driver, uri=req.uri,
                      capacity=req.capacity or Resources.zero(), overcommit=req.overcommit,
-                     labels=dict(req.labels), config=dict(req.config), tenant=req.tenant)
+                     labels=labels, config=dict(req.config), tenant=req.tenant)
         probed = self.fleet.probe_host(draft)
         capacity = req.capacity or Resources(cpus=probed["cpus"], memory_mib=probed["memory_mib"],
                                              disk_gib=probed["disk_gib"])
@@ -292,7 +296,7 @@ class ControlPlane:
                 record = self.store.get("vm", named.data["vm"])
         if record is None:
             raise NotFound(f"no VM with id or name {ref!r}", details={"vm": ref})
-        return vm_from(record)
+        return vm_from(record)  # (secured.no_vm says the same for a VM the caller cannot see)
 
     def list_vms(self, *, host: str | None = None, tenant: str | None = None) -> list[VM]:
         where = {k: v for k, v in (("host", host), ("tenant", tenant)) if v is not None}

@@ -42,6 +42,16 @@ T = TypeVar("T")
 _R, _V = Resource, Verb
 
 
+def no_vm(ref: str) -> NotFound:
+    """What a VM the caller may not see answers: the same as one that does not exist."""
+    return NotFound(f"no VM with id or name {ref!r}", details={"vm": ref})
+
+
+def no_host(name: str) -> NotFound:
+    """What a host the caller may not see answers: the same as one that does not exist."""
+    return NotFound(f"no host named {name!r}", details={"host": name})
+
+
 def home_tenant(principal: Principal) -> str:
     """Where a principal's new objects go: its own tenant, or ``default`` for cluster-wide."""
     return principal.tenant if principal.tenant not in (None, ALL_TENANTS) else DEFAULT_TENANT
@@ -76,18 +86,19 @@ class SecuredPlane:
     def _vm(self, caller: Caller, verb: Verb, vm_id: str) -> tuple[Principal, VM]:
         principal = self.gate.principal(caller)
         vm = self.plane.find_vm(vm_id, tenant=home_tenant(principal))
-        self.gate.check(caller, principal, _R.VMS, verb, vm.tenant, vm.id)
+        self.gate.check(caller, principal, _R.VMS, _V.READ, vm.tenant, vm.id,
+                        hidden=no_vm(vm_id))
+        if verb != _V.READ:
+            self.gate.check(caller, principal, _R.VMS, verb, vm.tenant, vm.id)
         return principal, vm
 
     def _host(self, caller: Caller, verb: Verb, name: str) -> tuple[Principal, Host]:
         principal = self.gate.principal(caller)
-        try:
-            host = self.plane.get_host(name)
-        except NotFound:
-            # Only those who may see every host learn that a name is unknown.
-            self.gate.check(caller, principal, _R.HOSTS, _V.READ, ALL_TENANTS, name)
-            raise
-        self.gate.check(caller, principal, _R.HOSTS, verb, host.tenant, host.name)
+        host = self.plane.get_host(name)
+        self.gate.check(caller, principal, _R.HOSTS, _V.READ, host.tenant, host.name,
+                        hidden=no_host(name))
+        if verb != _V.READ:
+            self.gate.check(caller, principal, _R.HOSTS, verb, host.tenant, host.name)
         return principal, host
 
     def whoami(self, caller: Caller) -> dict[str, Any]:

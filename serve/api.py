@@ -25,6 +25,7 @@ from novacron.auth import Principal, Resource, Verb
 from novacron.auth.authn import SESSION_COOKIE
 from novacron.errors import InvalidRequest, NotFound
 from novacron.model import VM, Host, HostCreate, VMCreate
+from novacron.secured import no_host, no_vm
 from novacron.states import HostState, VMState
 from serve import errors, metrics
 from serve.backend import Backend
@@ -214,10 +215,10 @@ def build_app() -> FastAPI:
     async def get_host(request: Request, caller: CallerDep, name: str) -> dict[str, Any]:
         backend = backend_of(request)
         record = backend.store.get("host", name)
-        tenant = "*" if record is None else record.data.get("tenant", "*")
-        backend.gate.check(caller, _principal(request), Resource.HOSTS, Verb.READ, tenant, name)
         if record is None:
-            raise NotFound(f"no host named {name!r}", details={"host": name})
+            raise no_host(name)
+        backend.gate.check(caller, _principal(request), Resource.HOSTS, Verb.READ,
+                           record.data.get("tenant", "*"), name, hidden=no_host(name))
         return {**record.data, "revision": record.revision}
 
     @api.post(f"{API}/hosts/{{name}}/maintenance", tags=["hosts"])
@@ -265,9 +266,9 @@ def build_app() -> FastAPI:
         backend = backend_of(request)
         record = backend.store.get("vm", vm_id)
         if record is None:
-            raise NotFound(f"no VM with id {vm_id!r}", details={"vm": vm_id})
+            raise no_vm(vm_id)
         backend.gate.check(caller, _principal(request), Resource.VMS, Verb.READ,
-                           record.data["tenant"], vm_id)
+                           record.data["tenant"], vm_id, hidden=no_vm(vm_id))
         return {**record.data, "revision": record.revision}
 
     @api.delete(f"{API}/vms/{{vm_id}}", status_code=202, tags=["vms"])
