@@ -13,7 +13,7 @@ import threading
 from typing import Any
 
 from actors.fleet import RayFleet
-from novacron.access import Caller
+from novacron.access import Caller, redact_logs
 from novacron.auth import AuditResult, AuthServices
 from novacron.config import ADMIN_TOKEN_FILE, Settings, write_secret
 from novacron.controlplane import ControlPlane
@@ -39,7 +39,9 @@ class ClusterController:
                                   heartbeat_interval_s=self.settings.heartbeat_interval_s,
                                   heartbeat_misses=self.settings.heartbeat_misses,
                                   converge_timeout_s=self.settings.converge_timeout_s)
-        self.secured = SecuredPlane(self.plane, AuthServices.create(self.store))
+        redact_logs()
+        self.secured = SecuredPlane(self.plane, AuthServices.create(self.store,
+                                                                    oidc=self.settings.oidc))
         token = self.secured.auth.first_start()
         if token is not None:
             write_secret(self.settings.state_dir / ADMIN_TOKEN_FILE, token.get_secret_value())

@@ -16,7 +16,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from novacron.auth import ALL_TENANTS, Action, AuditResult, Principal, Resource, Verb, decide
+from novacron.auth import (
+    ALL_TENANTS,
+    Action,
+    AuditResult,
+    Principal,
+    RedactingFilter,
+    Resource,
+    Verb,
+    decide,
+)
 from novacron.auth.authn import Authenticator
 from novacron.errors import Forbidden, NovaCronError, Unauthenticated
 
@@ -100,6 +109,13 @@ class Gate:
             self._audit(**entry)
         except NovaCronError as exc:  # an audit failure must not hide the denial itself
             log.error("could not audit a denial: %s", exc.message)
+
+
+def redact_logs() -> None:
+    """Scrub secrets (tokens, passwords) from every record the root log handlers write."""
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 def visible(record: Mapping[str, Any], tenants: set[str] | None) -> bool:

@@ -8,6 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from novacron.auth.oidc import OIDCConfig
+
 
 def default_state_dir() -> Path:
     """``$NOVACRON_STATE_DIR`` or ``~/.novacron``."""
@@ -31,6 +33,7 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(default=1.0, gt=0, le=60)
     converge_timeout_s: float = Field(default=60.0, gt=0)
     stop_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    oidc: OIDCConfig | None = None  # NOVACRON_OIDC='{"issuer": ..., "audience": ..., ...}'
 
     @property
     def store_path(self) -> Path:

@@ -11,8 +11,8 @@ from ray import serve
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
 
 from actors import names
-from novacron.access import Caller, Gate
-from novacron.auth import AuthServices
+from novacron.access import Caller, Gate, redact_logs
+from novacron.auth import AuthServices, OIDCConfig
 from novacron.config import Settings
 from novacron.errors import NovaCronError, Unavailable
 from novacron.store import Store
@@ -26,11 +26,11 @@ APP_NAME = "novacron"
 class RayBackend:
     """Reads the store file; calls the named controller actor."""
 
-    def __init__(self, namespace: str, store_path: str) -> None:
+    def __init__(self, namespace: str, store_path: str, oidc: OIDCConfig | None = None) -> None:
         self.namespace = namespace
         self.store = Store(store_path, readonly=True)
         self._controller: Any = None
-        self.gate = Gate(AuthServices.create(self.store).authenticator, self._audit)
+        self.gate = Gate(AuthServices.create(self.store, oidc=oidc).authenticator, self._audit)
 
     def _audit(self, **entry: Any) -> None:
         """Denials decided here are appended by the controller (the store's one writer)."""
@@ -71,8 +71,9 @@ class RayBackend:
 class NovaCronAPI:
     """The API's Serve replica: builds the FastAPI app around its own backend."""
 
-    def __init__(self, namespace: str, store_path: str) -> None:
-        self.backend = RayBackend(namespace, store_path)
+    def __init__(self, namespace: str, store_path: str, oidc: OIDCConfig | None) -> None:
+        redact_logs()
+        self.backend = RayBackend(namespace, store_path, oidc)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         app = build_app()
@@ -84,7 +85,8 @@ def deploy(settings: Settings) -> None:
     """Serve the API on ``settings.api_host:api_port`` (Serve outlives the calling driver)."""
     serve.start(http_options={"host": settings.api_host, "port": settings.api_port})
     api: Any = NovaCronAPI
-    serve.run(api.bind(settings.namespace, str(settings.store_path)), name=APP_NAME,
+    serve.run(api.bind(settings.namespace, str(settings.store_path), settings.oidc),
+              name=APP_NAME,
               route_prefix="/", blocking=False)
     log.info("API on http://%s:%d", settings.api_host, settings.api_port)
 
