@@ -64,8 +64,8 @@ def percentiles(samples: list[float]) -> dict[str, float]:
             "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1000}
 
 
-def measure_get(url: str, requests: int) -> dict[str, float]:
-    with httpx.Client(timeout=30) as client:
+def measure_get(url: str, requests: int, headers: dict[str, str]) -> dict[str, float]:
+    with httpx.Client(timeout=30, headers=headers) as client:
         for _ in range(20):  # warm up connections and caches
             client.get(url).raise_for_status()
         samples = []
@@ -76,8 +76,8 @@ def measure_get(url: str, requests: int) -> dict[str, float]:
     return percentiles(samples)
 
 
-def measure_post(base: str, requests: int) -> dict[str, float]:
-    with httpx.Client(timeout=60) as client:
+def measure_post(base: str, requests: int, headers: dict[str, str]) -> dict[str, float]:
+    with httpx.Client(timeout=60, headers=headers) as client:
         samples = []
         for i in range(requests):
             body = {"name": f"post-{i:04d}", "cpus": 1, "memory_mib": 64, "start": False}
@@ -121,7 +121,7 @@ def run(records: int, requests: int, posts: int) -> dict[str, Any]:
     from fastapi.responses import JSONResponse
     from ray import serve
 
-    from actors.runtime import start_control_plane, stop_control_plane
+    from actors.runtime import admin_token, start_control_plane, stop_control_plane
     from novacron.config import Settings
     from serve.deployment import deploy
 
@@ -138,8 +138,9 @@ def run(records: int, requests: int, posts: int) -> dict[str, Any]:
         deploy(settings)
         base = f"http://127.0.0.1:{settings.api_port}"
         wait_ready(f"{base}/readyz")
+        auth = {"Authorization": f"Bearer {admin_token(settings)}"}
         list_url = f"{base}/api/v1/vms?limit=100"
-        payload = httpx.get(list_url).json()
+        payload = httpx.get(list_url, headers=auth).json()
         payload_path = workdir / "payload.json"
         payload_path.write_text(json.dumps(payload))
 
@@ -163,18 +164,19 @@ def run(records: int, requests: int, posts: int) -> dict[str, Any]:
                                  str(bare_port)])
         wait_ready(f"http://127.0.0.1:{bare_port}/api/v1/vms")
 
-        figures = {
-            "novacron_list": measure_get(list_url, requests),
-            "serve_noop_list": measure_get(f"{base}/noop/api/v1/vms", requests),
-            "uvicorn_list": measure_get(f"http://127.0.0.1:{bare_port}/api/v1/vms", requests),
-            "novacron_create": measure_post(base, posts),
+        figures = {  # the baselines get the same header, and ignore it
+            "novacron_list": measure_get(list_url, requests, auth),
+            "serve_noop_list": measure_get(f"{base}/noop/api/v1/vms", requests, auth),
+            "uvicorn_list": measure_get(f"http://127.0.0.1:{bare_port}/api/v1/vms", requests,
+                                        auth),
+            "novacron_create": measure_post(base, posts, auth),
         }
     finally:
         if bare is not None:
             bare.terminate()
             bare.wait()
         stop_control_plane(settings.namespace, stop_guests=True)
-        serve.shutdown()
+        serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()
     nc_p50 = figures["novacron_list"]["p50_ms"]
     noop_p50 = figures["serve_noop_list"]["p50_ms"]

@@ -64,6 +64,12 @@ def test_up_create_down_up_down(cli: tuple[list[str], Path, int]) -> None:
     assert "no VM" in bad.stderr
     assert "hosts  2/2 up" in ok("status", *sd)
     assert "sim-1" in ok("host", "list", *sd)
+    assert '"tenant": "*"' in ok("whoami", *sd)
+    assert '"intact": true' in ok("audit", "verify", *sd)
+    issued = json.loads(ok("token", "create", "ci", "viewer", "--tenant", "default", *sd))
+    denied = run("vm", "stop", "cli-vm", "--token", issued["token"], *sd)
+    assert denied.returncode == 1
+    assert "not allowed" in denied.stderr
 
     assert "guests left running" in ok("down", *sd)
     assert psutil.pid_exists(pid)  # the guest outlives the control plane
