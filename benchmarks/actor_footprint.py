@@ -53,7 +53,7 @@ def run(count: int) -> dict[str, Any]:
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
              log_to_driver=False)
     try:
-        empty_cls = ray.remote(Empty)
+        empty_cls: Any = ray.remote(Empty)
         start = time.perf_counter()
         empties = [empty_cls.options(num_cpus=0).remote() for _ in range(count)]
         empty_pids = wait_pids(empties)
