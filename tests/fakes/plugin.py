@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fakes.gce import GceFake, gce_fake
 from tests.fakes.moto_server import FaultProxy, moto_server
 
 
@@ -46,3 +47,17 @@ def aws_proxy(aws_proxy_session: FaultProxy) -> Iterator[FaultProxy]:
     aws_proxy_session.reset()
     yield aws_proxy_session
     aws_proxy_session.reset()
+
+
+@pytest.fixture(scope="session")
+def gce_session() -> Iterator[GceFake]:
+    with gce_fake() as fake:
+        yield fake
+
+
+@pytest.fixture
+def gce(gce_session: GceFake) -> Iterator[GceFake]:
+    """The Compute Engine fake, clean of faults, tokens and counts for each test."""
+    gce_session.reset()
+    yield gce_session
+    gce_session.reset()
