@@ -408,6 +408,33 @@ def _password() -> str:
     return getpass.getpass("password: ")
 
 
+def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
+    """Where ``--count`` VMs of one shape would go (nothing is created)."""
+    from novacron.model import VMCreate
+
+    nc = _connect(args, settings)
+    placement: dict[str, Any] = {}
+    if args.group:
+        placement = {"group": args.group, "affinity": args.affinity, "hard": not args.soft,
+                     "domain": args.domain}
+    vms = [VMCreate.model_validate({
+        "name": f"{args.name}-{i}" if args.count > 1 else args.name, "cpus": args.cpus,
+        "memory_mib": args.memory, "disk_gib": args.disk, "tenant": args.tenant,
+        "placement": placement}) for i in range(args.count)]
+    result = nc.call("plan", vms)
+    if args.json:
+        out.print_json(data=result)
+        return 0
+    table = Table(title="Placement plan (dry run)")
+    for col in ("VM", "HOST", "WHY"):
+        table.add_column(col)
+    for item in result:
+        why = item["explanation"] if item["host"] else item["error"]["message"]
+        table.add_row(item["name"], item["host"] or "[red]none[/]", why)
+    out.print(table)
+    return 0 if all(i["host"] for i in result) else 1
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from novacron.errors import NotFound
 
@@ -514,6 +541,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--wait", action="store_true", help="wait until the VM settles")
         p.add_argument("--timeout", type=float, default=120.0)
     vm.set_defaults(func=cmd_vm)
+    plan = sub.add_parser("plan", parents=[common], help="where VMs would go (a dry run)")
+    plan.add_argument("name", nargs="?", default="planned")
+    plan.add_argument("--count", type=int, default=1)
+    plan.add_argument("--cpus", type=int, default=1)
+    plan.add_argument("--memory", type=int, default=512, help="MiB")
+    plan.add_argument("--disk", type=int, default=1, help="GiB")
+    plan.add_argument("--tenant")
+    plan.add_argument("--group", help="keep these VMs together or apart")
+    plan.add_argument("--affinity", choices=["affinity", "anti-affinity"],
+                      default="anti-affinity")
+    plan.add_argument("--domain", help="failure-domain label (e.g. zone)")
+    plan.add_argument("--soft", action="store_true", help="a preference, not a rule")
+    plan.set_defaults(func=cmd_plan)
     _auth_parsers(sub, common)
     return parser
 

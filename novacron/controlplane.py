@@ -21,12 +21,19 @@ from novacron.errors import (
     AlreadyExists,
     Conflict,
     InvalidTransition,
+    NoCapacity,
     NotFound,
     RevisionMismatch,
 )
 from novacron.ids import HostName, VMId, new_id
 from novacron.model import VM, Host, HostCreate, Resources, VMCreate, VMSpec
-from novacron.placement import Affinity, PlacementEngine, PlacementRequest, VMPlacementInfo
+from novacron.placement import (
+    Affinity,
+    Decision,
+    PlacementEngine,
+    PlacementRequest,
+    VMPlacementInfo,
+)
 from novacron.placement.fleet import TENANTS_LABEL
 from novacron.states import (
     SETTLED,
@@ -215,12 +222,9 @@ class ControlPlane:
         """The placement engine over every host and the VMs on them (built once, then kept
         current by each write)."""
         if self._engine is None:
-            vms_by_host: dict[str, list[VMPlacementInfo]] = {}
-            for vm in self.list_vms():
-                if vm.host is not None:
-                    vms_by_host.setdefault(vm.host, []).append(
-                        VMPlacementInfo(vm.id, vm.spec.placement.group))
-            self._engine = PlacementEngine.from_hosts(self.list_hosts(), vms_by_host)
+            self._engine = PlacementEngine.from_hosts(self.list_hosts(), {
+                h: [VMPlacementInfo(vm.id, vm.spec.placement.group) for vm in vms]
+                for h, vms in self._vms_by_host().items()})
         return self._engine
 
     # -- VMs --------------------------------------------------------------------------------
@@ -280,6 +284,44 @@ class ControlPlane:
             self._converge(vm)
             return vm
         raise Conflict("placement kept racing with other changes; try again")
+
+    def plan(self, specs: list[VMSpec], *, tenant: str = "default",
+             pinned: list[str | None] | None = None) -> list[dict[str, Any]]:
+        """Where each VM would go, placed together as one batch; nothing is written.
+
+        One VM gets the full explanation (hosts that fit, score per weigher); a batch is placed
+        largest first, each placement counting against the next. Refusals say, per filter, how
+        many hosts they removed.
+        """
+        pins = pinned or [None] * len(specs)
+        requests = [placement_request(s, pinned=p, tenant=tenant) for s, p in zip(specs, pins,
+                                                                                 strict=True)]
+        engine = PlacementEngine.from_hosts(self.list_hosts(), {
+            h: [VMPlacementInfo(vm.id, vm.spec.placement.group) for vm in vms]
+            for h, vms in self._vms_by_host().items()})
+        if len(requests) == 1:
+            try:
+                results: list[Decision | NoCapacity] = [engine.place(requests[0])]
+            except NoCapacity as exc:
+                results = [exc]
+        else:
+            results = engine.place_batch(requests)
+        out: list[dict[str, Any]] = []
+        for spec, result in zip(specs, results, strict=True):
+            if isinstance(result, NoCapacity):
+                out.append({"name": spec.name, "host": None, "error": result.to_dict()})
+            else:
+                out.append({"name": spec.name, "host": result.host, "score": result.score,
+                            "explanation": result.explanation,
+                            "breakdown": dict(result.breakdown)})
+        return out
+
+    def _vms_by_host(self) -> dict[str, list[VM]]:
+        by_host: dict[str, list[VM]] = {}
+        for vm in self.list_vms():
+            if vm.host is not None:
+                by_host.setdefault(vm.host, []).append(vm)
+        return by_host
 
     def get_vm(self, vm_id: str) -> VM:
         record = self.store.get("vm", vm_id)

@@ -172,6 +172,19 @@ class SecuredPlane:
         check_quota(usage, Usage.of_vm(spec.cpus, spec.memory_mib, spec.disk_gib), quota,
                     tenant=tenant)
 
+    def plan(self, caller: Caller, vms: list[VMCreate]) -> list[dict[str, Any]]:
+        """A placement dry run for one or many VMs (one tenant per call), with explanations."""
+        principal = self.gate.principal(caller)
+        tenants = {req.tenant or home_tenant(principal) for req in vms}
+        if len(tenants) != 1:
+            raise InvalidRequest("plan the VMs of one tenant per call",
+                                 details={"tenants": sorted(tenants)})
+        tenant = tenants.pop()
+        self.gate.check(caller, principal, _R.PLACEMENT, _V.READ, tenant)
+        specs = [VMSpec.model_validate(r.model_dump(exclude={"host", "start", "tenant"}))
+                 for r in vms]
+        return self.plane.plan(specs, tenant=tenant, pinned=[r.host for r in vms])
+
     def get_vm(self, caller: Caller, vm_id: str) -> VM:
         return self._vm(caller, _V.READ, vm_id)[1]
 

@@ -101,6 +101,10 @@ class BindingBody(_Body):
     tenant: TenantName
 
 
+class PlanBody(_Body):
+    vms: list[VMCreate] = Field(min_length=1, max_length=10_000)
+
+
 class Page(BaseModel):
     """One page of a listing."""
 
@@ -310,6 +314,12 @@ def build_app() -> FastAPI:
         vm: VM = await backend_of(request).call("vm_action", caller, vm_id, action,
                                                 body.force if body else False)
         return vm
+
+    # -- placement --------------------------------------------------------------------------
+    @api.post(f"{API}/placement/plan", tags=["placement"])
+    async def plan(request: Request, caller: CallerDep, body: PlanBody) -> dict[str, Any]:
+        """Where these VMs would go (a dry run: nothing is created), and why."""
+        return _items(await backend_of(request).call("plan", caller, body.vms))
 
     # -- events -----------------------------------------------------------------------------
     @api.get(f"{API}/events", tags=["events"])

@@ -222,3 +222,27 @@ def test_snapshots_on_a_driver_without_them(api: tuple[TestClient, ControlPlane]
     assert r.json()["error"]["code"] == "not_supported"
     assert "snapshot" in r.json()["error"]["message"]
     assert snapshot(plane.store) == before
+
+
+def test_placement_plan_is_a_dry_run_with_explanations(
+        api: tuple[TestClient, ControlPlane]) -> None:
+    client, plane = api
+    before = snapshot(plane.store)
+    one = client.post(f"{API}/placement/plan", json={"vms": [
+        {"name": "p0", "cpus": 1, "memory_mib": 64}]})
+    assert one.status_code == 200, one.text
+    [decision] = one.json()["items"]
+    assert decision["host"] in ("h1", "h2")
+    assert "hosts that fit" in decision["explanation"]
+    assert set(decision["breakdown"]) >= {"binpack", "spread"}
+    apart = {"group": "web", "affinity": "anti-affinity", "hard": True}
+    batch = client.post(f"{API}/placement/plan", json={"vms": [
+        {"name": f"w{i}", "cpus": 1, "memory_mib": 64, "placement": apart} for i in range(3)]})
+    items = batch.json()["items"]
+    assert sorted(i["host"] for i in items if i["host"]) == ["h1", "h2"]
+    [refused] = [i for i in items if i["host"] is None]
+    assert refused["error"]["code"] == "no_capacity"
+    assert "anti-affinity" in refused["error"]["message"]
+    assert snapshot(plane.store) == before  # nothing was created or reserved
+    bad = client.post(f"{API}/placement/plan", json={"vms": []})
+    assert bad.status_code == 422

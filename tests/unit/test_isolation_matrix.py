@@ -187,6 +187,9 @@ CASES: dict[tuple[str, str], Case] = {
         "vms", "act", "object", lambda w, t: (f"{A}/vms/{w.vms[t]}/snapshots/s1/revert", None)),
     ("DELETE", f"{A}/vms/{{vm_id}}/snapshots/{{name}}"): Case(
         "vms", "act", "object", lambda w, t: (f"{A}/vms/{w.vms[t]}/snapshots/s1", None)),
+    ("POST", f"{A}/placement/plan"): Case("placement", "read", "create", lambda w, t: (
+        f"{A}/placement/plan", {"vms": [{"name": "p", "cpus": 1, "memory_mib": 32,
+                                         "tenant": t}]})),
     ("GET", f"{A}/events"): Case("vms", "read", "list", lambda w, t: (
         f"{A}/events?limit=1000", None)),
     ("GET", f"{A}/tenants"): Case("tenants", "read", "list", lambda w, t: (f"{A}/tenants", None)),
