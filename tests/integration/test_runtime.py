@@ -122,3 +122,23 @@ def test_down_then_up_brings_everything_back(running: Running) -> None:
         assert handle.record.guest_id == pid  # re-attached to the same guest process
     assert again.nc.vms.get("d-off").state == VMState.STOPPED
     assert len(again.nc.hosts.list()) == 2
+
+
+def test_concurrent_creates_never_overcommit(running: Running) -> None:
+    """Twelve creates race for room for eight (two hosts of 4 GiB, VMs of 1 GiB)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def create(i: int) -> str:
+        try:
+            running.nc.vms.create(f"race{i}", cpus=1, memory_mib=1024, start=False)
+        except NoCapacity as exc:
+            assert "insufficient memory" in exc.message
+            return "refused"
+        return "placed"
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        outcomes = list(pool.map(create, range(12)))
+    assert sorted(outcomes) == ["placed"] * 8 + ["refused"] * 4
+    for host in running.nc.hosts.list():
+        assert host.allocated.memory_mib == 4096 <= host.limit.memory_mib
+    assert len(running.nc.vms.list()) == 8
