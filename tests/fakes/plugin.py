@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.fakes.azure_arm import ArmFake, arm_fake
 from tests.fakes.gce import GceFake, gce_fake
 from tests.fakes.moto_server import FaultProxy, moto_server
 
@@ -61,3 +62,17 @@ def gce(gce_session: GceFake) -> Iterator[GceFake]:
     gce_session.reset()
     yield gce_session
     gce_session.reset()
+
+
+@pytest.fixture(scope="session")
+def arm_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ArmFake]:
+    with arm_fake(tmp_path_factory.mktemp("arm-tls")) as fake:
+        yield fake
+
+
+@pytest.fixture
+def arm(arm_session: ArmFake) -> Iterator[ArmFake]:
+    """The HTTPS ARM fake, clean of faults and counts for each test."""
+    arm_session.reset()
+    yield arm_session
+    arm_session.reset()
