@@ -18,7 +18,9 @@ from novacron.auth import AuditResult, AuthServices
 from novacron.config import ADMIN_TOKEN_FILE, Settings, write_secret
 from novacron.controlplane import ControlPlane
 from novacron.errors import InvalidRequest, NovaCronError
+from novacron.model import MigrationProgress
 from novacron.secured import PUBLIC_METHODS, SecuredPlane
+from novacron.states import MigrationPhase, VMState
 from novacron.store import OwnerLock, Store
 
 log = logging.getLogger("novacron.actors.controller")
@@ -87,6 +89,35 @@ class ClusterController:
 
     def heartbeat(self, host: str, stats: dict[str, Any], guests: list[dict[str, Any]]) -> None:
         self.plane.heartbeat(host, stats, guests)
+
+    # -- migrations (their MigrationActors) --------------------------------------------------
+    def migration_context(self, migration_id: str) -> dict[str, Any]:
+        """The migration, its VM and both hosts as plain dicts."""
+        m = self.plane.get_migration(migration_id)
+        return {"migration": m.model_dump(mode="json"),
+                "vm": self.plane.get_vm(m.vm).model_dump(mode="json"),
+                "source": self.plane.get_host(m.source).model_dump(mode="json"),
+                "target": self.plane.get_host(m.target).model_dump(mode="json")}
+
+    def migration_admit(self, migration_id: str) -> bool:
+        return self.plane.admit_migration(migration_id)
+
+    def migration_update(self, migration_id: str, *, phase: str | None = None,
+                         progress: MigrationProgress | None = None,
+                         checkpoint: dict[str, Any] | None = None,
+                         outcome: dict[str, Any] | None = None) -> dict[str, Any]:
+        m = self.plane.update_migration(
+            migration_id, phase=MigrationPhase(phase) if phase is not None else None,
+            progress=progress, checkpoint=checkpoint, outcome=outcome)
+        return m.model_dump(mode="json")
+
+    def migration_switch(self, migration_id: str, state: str, guest_id: str | None) -> None:
+        self.plane.switch_migrated_vm(migration_id, VMState(state), guest_id)
+
+    def migration_end(self, migration_id: str, phase: str, reason: str | None,
+                      outcome: dict[str, Any]) -> None:
+        self.plane.end_migration(migration_id, MigrationPhase(phase), reason=reason,
+                                 outcome=outcome)
 
     # -- shutdown -------------------------------------------------------------------------------
     def shutdown(self, stop_guests: bool = False) -> dict[str, int]:

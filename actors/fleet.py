@@ -12,6 +12,7 @@ from ray.exceptions import GetTimeoutError, RayTaskError
 
 from actors import names, options
 from actors.host import HostActor
+from actors.migration import MigrationActor
 from actors.vm import VMActor
 from novacron.agents import HostAgent, make_driver
 from novacron.errors import NovaCronError, OperationTimeout
@@ -20,6 +21,7 @@ from novacron.model import VM, Host
 log = logging.getLogger("novacron.actors.fleet")
 _NODE_CACHE_S = 30.0
 _CALL_TIMEOUT_S = 300.0
+_NAME_RELEASE_S = 10.0
 
 
 def _probe(host: dict[str, Any], state_dir: str) -> dict[str, Any]:
@@ -56,6 +58,7 @@ class RayFleet:
         self._nodes_read_at = -_NODE_CACHE_S
         self._host_actor_cls: Any = ray.remote(HostActor)
         self._vm_actor_cls: Any = ray.remote(VMActor)
+        self._migration_actor_cls: Any = ray.remote(MigrationActor)
         self._probe: Any = ray.remote(_probe)
 
     @staticmethod
@@ -129,13 +132,30 @@ class RayFleet:
         self._dispatch.submit(self._kill_vm_actor, vm_id)
 
     def _kill_vm_actor(self, vm_id: str) -> None:
+        """Kill the VM's actor and wait (briefly) for its name to be free: a migrated VM's
+        next actor, on its new host, takes the same name."""
+        name = names.vm_actor(vm_id)
         actor = self._vm_actors.pop(vm_id, None)
         if actor is None:
             try:
-                actor = ray.get_actor(names.vm_actor(vm_id), namespace=self.namespace)
+                actor = ray.get_actor(name, namespace=self.namespace)
             except ValueError:
                 return
         ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + _NAME_RELEASE_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=self.namespace)
+            except ValueError:
+                return
+            time.sleep(0.02)
+        log.warning("the name of VM %s's killed actor was not released", vm_id)
+
+    def run_migration(self, migration_id: str, source: str) -> None:
+        opts = options.migration_options(self.namespace, migration_id, source,
+                                         self._node_of(source))
+        self._migration_actor_cls.options(**opts).remote(migration_id, self.namespace,
+                                                         self.state_dir)
 
     def shutdown(self, vm_ids: list[str], hosts: list[str], *, stop_guests: bool) -> int:
         """Kill every agent actor; guests keep running unless ``stop_guests``. Returns guests

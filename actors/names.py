@@ -19,3 +19,8 @@ def vm_actor(vm_id: str) -> str:
 def host_resource(host: str) -> str:
     """The custom resource a Ray node advertises to say it is hypervisor ``host``."""
     return f"{HOST_RESOURCE_PREFIX}{host}"
+
+
+def migration_actor(migration_id: str) -> str:
+    """The Ray actor name of a migration's MigrationActor."""
+    return f"mig:{migration_id}"

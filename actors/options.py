@@ -44,3 +44,13 @@ def vm_options(namespace: str, vm_id: str, host: str, node_id: str | None) -> di
 
 def probe_options(host: str, node_id: str | None) -> dict[str, Any]:
     return {"num_cpus": 0, "max_retries": 0, **placement(host, node_id)}
+
+
+def migration_options(namespace: str, migration_id: str, source: str,
+                      node_id: str | None) -> dict[str, Any]:
+    """A MigrationActor runs beside its source host. Its constructor starts the run, so a
+    restart resumes it; its methods are only queries."""
+    return {"name": names.migration_actor(migration_id), "namespace": namespace,
+            "lifetime": "detached", "get_if_exists": True, "max_restarts": -1,
+            "max_task_retries": -1, "num_cpus": 0, "max_concurrency": 2,
+            **placement(source, node_id)}

@@ -26,8 +26,18 @@ from novacron.errors import (
     Unauthenticated,
     Unavailable,
 )
-from novacron.model import VM, Host, HostCreate, Resources, VMCreate
-from novacron.states import HostState, VMState
+from novacron.model import (
+    VM,
+    Host,
+    HostCreate,
+    Migration,
+    MigrationCreate,
+    MigrationPolicy,
+    MigrationProgress,
+    Resources,
+    VMCreate,
+)
+from novacron.states import MIGRATION_DONE, HostState, MigrationPhase, VMState
 
 log = logging.getLogger("novacron.client")
 CONTROLLER = "controller"  # actors.names.CONTROLLER; the client does not import actors/
@@ -214,6 +224,83 @@ class Hosts:
         self._call("delete_host", name)
 
 
+class MigrationHandle:
+    """A migration: its record, progress, and cancel / force-complete / wait."""
+
+    def __init__(self, call: _Controller, record: Migration) -> None:
+        self._call = call
+        self.record = record
+
+    def __repr__(self) -> str:
+        r = self.record
+        return f"<Migration {r.id} {r.mode} {r.source}->{r.target} {r.phase.value}>"
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def phase(self) -> MigrationPhase:
+        return self.record.phase
+
+    def refresh(self) -> MigrationHandle:
+        self.record = self._call("get_migration", self.record.id)
+        return self
+
+    def progress(self) -> MigrationProgress:
+        """The latest progress (percent, bytes sent and remaining, rate, ETA, iteration)."""
+        return self.refresh().record.progress
+
+    def cancel(self) -> MigrationHandle:
+        """Roll back: the VM stays on its source and the target is cleaned."""
+        self.record = self._call("migration_action", self.record.id, "cancel")
+        return self
+
+    def force_complete(self) -> MigrationHandle:
+        """Switch a live migration over at its next pass, whatever the downtime."""
+        self.record = self._call("migration_action", self.record.id, "force-complete")
+        return self
+
+    def wait(self, timeout: float = 300.0, poll_s: float = 0.2) -> MigrationHandle:
+        """Wait until the migration has ended (completed, rolled back or failed)."""
+        deadline = time.monotonic() + timeout
+        while self.refresh().record.phase not in MIGRATION_DONE:
+            if time.monotonic() >= deadline:
+                raise OperationTimeout(f"migration {self.record.id} is still "
+                                       f"{self.record.phase.value} after {timeout:g} s",
+                                       details={"migration": self.record.id})
+            time.sleep(poll_s)
+        return self
+
+
+class Migrations:
+    """``nc.migrations``: start, find and list migrations."""
+
+    def __init__(self, call: _Controller) -> None:
+        self._call = call
+
+    def start(self, vm: str, *, to: str, mode: str = "live",
+              policy: MigrationPolicy | dict[str, Any] | None = None) -> MigrationHandle:
+        """Start moving ``vm`` (id or name) to host ``to``; returns at once, see ``wait``."""
+        req = MigrationCreate.model_validate({"vm": vm, "target_host": to, "mode": mode,
+                                              "policy": policy or {}})
+        return MigrationHandle(self._call, self._call("create_migration", req))
+
+    def predict(self, vm: str, *, to: str, mode: str = "live",
+                policy: MigrationPolicy | dict[str, Any] | None = None) -> dict[str, Any]:
+        """The cost model's prediction (passes, bytes, duration, downtime); nothing moves."""
+        req = MigrationCreate.model_validate({"vm": vm, "target_host": to, "mode": mode,
+                                              "policy": policy or {}, "dry_run": True})
+        record: Migration = self._call("create_migration", req)
+        return record.prediction
+
+    def get(self, migration_id: str) -> MigrationHandle:
+        return MigrationHandle(self._call, self._call("get_migration", migration_id))
+
+    def list(self) -> list[MigrationHandle]:
+        return [MigrationHandle(self._call, m) for m in self._call("list_migrations")]
+
+
 class NovaCron:
     """A connection to a running NovaCron cluster."""
 
@@ -221,6 +308,7 @@ class NovaCron:
         self._call = _Controller(controller, token, timeout_s)
         self.vms = VMs(self._call)
         self.hosts = Hosts(self._call)
+        self.migrations = Migrations(self._call)
 
     def status(self) -> dict[str, Any]:
         """Counts of the hosts and VMs the caller may see, and the store's revision."""

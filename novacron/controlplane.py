@@ -16,17 +16,30 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from novacron import migrations as rules
 from novacron.drivers.base import driver_class
 from novacron.errors import (
     AlreadyExists,
     Conflict,
+    InvalidRequest,
     InvalidTransition,
     NoCapacity,
     NotFound,
+    NovaCronError,
     RevisionMismatch,
 )
-from novacron.ids import HostName, VMId, new_id
-from novacron.model import VM, Host, HostCreate, Resources, VMCreate, VMSpec
+from novacron.ids import HostName, MigrationId, VMId, new_id
+from novacron.model import (
+    VM,
+    Host,
+    HostCreate,
+    Migration,
+    MigrationCreate,
+    MigrationProgress,
+    Resources,
+    VMCreate,
+    VMSpec,
+)
 from novacron.placement import (
     Affinity,
     Decision,
@@ -36,11 +49,14 @@ from novacron.placement import (
 )
 from novacron.placement.fleet import TENANTS_LABEL
 from novacron.states import (
+    MIGRATION_DONE,
     SETTLED,
     HostState,
+    MigrationPhase,
     PowerState,
     VMState,
     check_host_transition,
+    check_migration_transition,
     check_vm_action,
     check_vm_transition,
 )
@@ -79,6 +95,11 @@ class Fleet(Protocol):
         """Call a method of the VM's agent and wait for its answer."""
         ...
 
+    def run_migration(self, migration_id: str, source: str) -> None:
+        """Make sure the agent of a migration out of ``source`` runs (idempotent); returns at
+        once."""
+        ...
+
 
 def vm_from(record: Record) -> VM:
     return VM.model_validate({**record.data, "revision": record.revision})
@@ -88,7 +109,11 @@ def host_from(record: Record) -> Host:
     return Host.model_validate({**record.data, "revision": record.revision})
 
 
-def _dump(obj: VM | Host) -> dict[str, Any]:
+def migration_from(record: Record) -> Migration:
+    return Migration.model_validate({**record.data, "revision": record.revision})
+
+
+def _dump(obj: VM | Host | Migration) -> dict[str, Any]:
     return obj.model_dump(mode="json", exclude={"revision"})
 
 
@@ -143,6 +168,9 @@ class ControlPlane:
             if vm.host is not None:
                 self._inflight[vm.id] = now + self.converge_timeout_s
                 self._converge(vm)
+        for migration in self.list_migrations():
+            if migration.phase not in MIGRATION_DONE:
+                self._run_migration(migration)
 
     # -- hosts ------------------------------------------------------------------------------
     def register_host(self, req: HostCreate) -> Host:
@@ -388,6 +416,10 @@ class ControlPlane:
         if vm.desired == PowerState.DELETED:
             raise InvalidTransition(f"VM {vm.name!r} is being deleted",
                                     details={"vm": vm.id, "state": vm.state.value})
+        if vm.migration is not None:
+            raise InvalidTransition(f"VM {vm.name!r} is migrating ({vm.migration}); wait for it "
+                                    "or cancel it", details={"vm": vm.id,
+                                                             "migration": vm.migration})
 
     def _write_vm(self, vm: VM) -> VM:
         vm = vm.model_copy(update={"updated_at": self.clock()})
@@ -402,7 +434,7 @@ class ControlPlane:
             self._unsettled.discard(vm.id)
 
     def _converge(self, vm: VM) -> None:
-        if vm.host is None:
+        if vm.host is None or vm.migration is not None:  # a migration drives it meanwhile
             return
         try:
             host = self.get_host(vm.host)
@@ -436,6 +468,237 @@ class ControlPlane:
         except Exception:
             log.exception("could not stop the agent of VM %s", vm.id)
 
+    # -- migrations -----------------------------------------------------------------------------
+    def get_migration(self, migration_id: str) -> Migration:
+        record = self.store.get("migration", migration_id)
+        if record is None:
+            raise NotFound(f"no migration with id {migration_id!r}",
+                           details={"migration": migration_id})
+        return migration_from(record)
+
+    def list_migrations(self, *, tenant: str | None = None) -> list[Migration]:
+        where = {"tenant": tenant} if tenant is not None else None
+        return [migration_from(r) for r in self.store.all("migration", where=where)]
+
+    def _check_migration(self, vm: VM, req: MigrationCreate) -> tuple[Host, Host]:
+        """The source and target hosts, or the reason the migration is refused."""
+        if vm.host is None:
+            raise InvalidTransition(f"VM {vm.name!r} is not on a host yet",
+                                    details={"vm": vm.id, "state": vm.state.value})
+        self._refuse_if_deleting(vm)
+        source, target = self.get_host(vm.host), self.get_host(req.target_host)
+        if source.name == target.name:
+            raise InvalidRequest(f"VM {vm.name!r} is already on {target.name}",
+                                 details={"vm": vm.id, "host": target.name})
+        movable = {"cold": (VMState.RUNNING, VMState.STOPPED, VMState.PAUSED),
+                   "warm": (VMState.RUNNING,), "live": (VMState.RUNNING,)}[req.mode]
+        if vm.state not in movable or unsettled(vm):
+            raise InvalidTransition(
+                f"cannot {req.mode}-migrate VM {vm.name!r} while it is {vm.state.value}"
+                f"{' (changing)' if unsettled(vm) else ''}; {req.mode} migration needs it "
+                f"{' or '.join(s.value for s in movable)}",
+                details={"vm": vm.id, "state": vm.state.value, "mode": req.mode})
+        if source.state == HostState.UNREACHABLE:
+            raise InvalidTransition(f"source host {source.name} is unreachable",
+                                    details={"host": source.name})
+        rules.check_supported(req.mode, req.policy, {source.driver, target.driver})
+        return source, target
+
+    def create_migration(self, vm_id: str, req: MigrationCreate) -> Migration:
+        """Check, record and start a migration of ``vm_id`` (refused up front with the reason);
+        the target's capacity is reserved until it ends. With ``req.dry_run`` only the cost
+        model's prediction is returned (as an unsaved record), nothing moves."""
+        for _ in range(_RETRIES):
+            with self._lock:
+                vm = self.get_vm(vm_id)
+                source, target = self._check_migration(vm, req)
+                engine = self._placement()
+                decision = engine.place(placement_request(vm.spec, pinned=target.name,
+                                                          tenant=vm.tenant))
+                if target.revision != decision.revision:
+                    engine.update_host(target)
+                    continue
+                now = self.clock()
+                migration = Migration(
+                    id=MigrationId(new_id("mig")), vm=vm.id, tenant=vm.tenant,
+                    source=source.name, target=target.name, mode=req.mode, policy=req.policy,
+                    prediction=rules.prediction(vm, req.mode, req.policy).to_dict(),
+                    created_at=now, updated_at=now)
+                if req.dry_run:
+                    return migration
+                allocated = target.allocated + vm.spec.resources
+                try:
+                    written = self.store.commit([
+                        Put("migration", migration.id, _dump(migration), 0),
+                        Put("vm", vm.id, _dump(vm.model_copy(update={
+                            "migration": migration.id, "state": VMState.MIGRATING,
+                            "updated_at": now})), vm.revision),
+                        Put("host", target.name,
+                            _dump(target.model_copy(update={"allocated": allocated})),
+                            target.revision),
+                    ])
+                except RevisionMismatch:
+                    self._engine = None
+                    continue
+                mig_record, vm_record, host_record = written
+                assert mig_record is not None
+                assert vm_record is not None
+                assert host_record is not None
+                engine.allocate(target.name, vm.spec.resources, group=vm.spec.placement.group,
+                                revision=host_record.revision)
+                self._track(vm_from(vm_record))
+                migration = migration_from(mig_record)
+            log.info("migration %s: %s VM %s from %s to %s", migration.id, migration.mode,
+                     vm.id, source.name, target.name)
+            try:
+                self.fleet.run_migration(migration.id, migration.source)
+            except NovaCronError as exc:
+                self.end_migration(migration.id, MigrationPhase.FAILED, reason=exc.message)
+                raise
+            return migration
+        raise Conflict("the target kept changing under the migration; try again")
+
+    def _run_migration(self, migration: Migration) -> None:
+        try:
+            self.fleet.run_migration(migration.id, migration.source)
+        except Exception:
+            log.exception("could not start the agent of migration %s", migration.id)
+
+    def request_migration(self, migration_id: str, what: str) -> Migration:
+        """Ask a running migration to ``cancel`` (roll back) or ``force-complete`` (switch
+        over at its next pass whatever the downtime)."""
+        flag = {"cancel": "cancel_requested", "force-complete": "force_complete"}.get(what)
+        if flag is None:
+            raise InvalidRequest(f"unknown migration action {what!r}", details={"action": what})
+        with self._lock:
+            migration = self.get_migration(migration_id)
+            late = (MIGRATION_DONE | {MigrationPhase.SWITCHOVER, MigrationPhase.CANCELLING}
+                    if what == "cancel" else MIGRATION_DONE | {MigrationPhase.CANCELLING})
+            if migration.phase in late:
+                raise InvalidTransition(f"cannot {what} migration {migration.id}: it is "
+                                        f"{migration.phase.value}",
+                                        details={"migration": migration.id,
+                                                 "phase": migration.phase.value})
+            if what == "force-complete" and migration.mode != "live":
+                raise InvalidRequest("only a live migration can be forced to complete",
+                                     details={"migration": migration.id})
+            return self._write_migration(migration.model_copy(update={flag: True}))
+
+    def _write_migration(self, migration: Migration) -> Migration:
+        migration = migration.model_copy(update={"updated_at": self.clock()})
+        return migration_from(self.store.put("migration", migration.id, _dump(migration),
+                                             expected_revision=migration.revision))
+
+    def update_migration(self, migration_id: str, *, phase: MigrationPhase | None = None,
+                         progress: MigrationProgress | None = None,
+                         checkpoint: Mapping[str, Any] | None = None,
+                         outcome: Mapping[str, Any] | None = None) -> Migration:
+        """What a migration's agent checkpoints: its phase, progress and resume data."""
+        with self._lock:
+            migration = self.get_migration(migration_id)
+            update: dict[str, Any] = {}
+            if phase is not None and phase != migration.phase:
+                check_migration_transition(migration.phase, phase)
+                update["phase"] = phase
+                if phase == MigrationPhase.PREPARING:
+                    update["started_at"] = self.clock()
+            if progress is not None:
+                update["progress"] = rules.advance(migration.progress, progress)
+            if checkpoint is not None:
+                update["checkpoint"] = {**migration.checkpoint, **checkpoint}
+            if outcome is not None:
+                update["outcome"] = {**migration.outcome, **outcome}
+            return self._write_migration(migration.model_copy(update=update))
+
+    def admit_migration(self, migration_id: str) -> bool:
+        """Move a pending migration to ``preparing`` if the limits allow it now."""
+        with self._lock:
+            migration = self.get_migration(migration_id)
+            if migration.phase != MigrationPhase.PENDING:
+                return migration.phase not in MIGRATION_DONE
+            if not rules.can_admit(migration, self.list_migrations()):
+                return False
+            self.update_migration(migration_id, phase=MigrationPhase.PREPARING)
+            return True
+
+    def switch_migrated_vm(self, migration_id: str, state: VMState,
+                           guest_id: str | None) -> VM:
+        """Switchover, in one commit: the VM moves to the target with epoch + 1 (fencing every
+        report and start of the source side) and its allocation leaves the source (the target's
+        was reserved when the migration began). Idempotent."""
+        with self._lock:
+            migration = self.get_migration(migration_id)
+            vm = self.get_vm(migration.vm)
+            if vm.host == migration.target and vm.migration is None:
+                return vm  # done already (a restarted agent repeating itself)
+            if vm.migration != migration.id or migration.phase != MigrationPhase.SWITCHOVER:
+                raise InvalidTransition(f"migration {migration.id} cannot switch VM {vm.id} "
+                                        f"over in phase {migration.phase.value}",
+                                        details={"migration": migration.id})
+            source = self.get_host(migration.source)
+            now = self.clock()
+            moved = vm.model_copy(update={
+                "host": migration.target, "epoch": vm.epoch + 1, "state": state,
+                "guest_id": guest_id, "migration": None, "observed_at": now, "updated_at": now,
+                "last_error": None})
+            released = source.allocated - vm.spec.resources
+            written = self.store.commit([
+                Put("vm", vm.id, _dump(moved), vm.revision),
+                Put("host", source.name, _dump(source.model_copy(
+                    update={"allocated": released})), source.revision),
+            ])
+            vm_record = written[0]
+            assert vm_record is not None
+            self._engine = None  # group membership moved host: rebuild on next use
+            vm = vm_from(vm_record)
+            self._track(vm)
+        log.info("VM %s switched over to %s (epoch %d)", vm.id, vm.host, vm.epoch)
+        try:
+            self.fleet.forget_vm(vm.id)  # the source's agent; the next converge makes one there
+        except Exception:
+            log.exception("could not stop the old agent of VM %s", vm.id)
+        self._converge(vm)
+        return vm
+
+    def end_migration(self, migration_id: str, phase: MigrationPhase, *,
+                      reason: str | None = None,
+                      outcome: Mapping[str, Any] | None = None) -> Migration:
+        """Finish a migration: ``completed`` after its switchover; ``rolled-back`` or ``failed``
+        give the VM back to its source (agents converge it again) and free the target's
+        reservation, in one commit. Idempotent."""
+        with self._lock:
+            migration = self.get_migration(migration_id)
+            if migration.phase in MIGRATION_DONE:
+                return migration
+            check_migration_transition(migration.phase, phase)
+            done = migration.model_copy(update={
+                "phase": phase, "reason": reason, "updated_at": self.clock(),
+                "outcome": {**migration.outcome, **(outcome or {})}})
+            ops: list[Put | Delete] = [Put("migration", migration.id, _dump(done),
+                                           migration.revision)]
+            vm_record = self.store.get("vm", migration.vm)
+            vm = vm_from(vm_record) if vm_record is not None else None
+            if phase != MigrationPhase.COMPLETED and vm is not None \
+                    and vm.migration == migration.id:
+                ops.append(Put("vm", vm.id, _dump(vm.model_copy(update={
+                    "migration": None, "state": VMState.UNKNOWN, "last_error": reason,
+                    "updated_at": self.clock()})), vm.revision))
+                target = self.get_host(migration.target)
+                ops.append(Put("host", target.name, _dump(target.model_copy(update={
+                    "allocated": target.allocated - vm.spec.resources})), target.revision))
+            written = self.store.commit(ops)
+            if len(written) > 1:
+                self._engine = None
+                assert written[1] is not None
+                vm = vm_from(written[1])
+                self._track(vm)
+                self._inflight[vm.id] = self.clock() + self.converge_timeout_s
+            result = migration_from(written[0]) if written[0] is not None else done
+        log.info("migration %s %s%s", migration.id, phase.value, f": {reason}" if reason else "")
+        if len(ops) > 1 and vm is not None:
+            self._converge(vm)
+        return result
+
     # -- what agents report -------------------------------------------------------------------
     def report_vm(self, vm_id: str, epoch: int, observed: Mapping[str, Any]) -> None:
         """Record what a VM's agent (or its host's heartbeat) observed, if still current."""
@@ -448,6 +711,8 @@ class ControlPlane:
                 log.warning("VM %s: ignored a report from epoch %s (current %s)", vm_id, epoch,
                             vm.epoch)
                 return
+            if vm.migration is not None:
+                return  # its migration reports the VM's state until it ends
             seen_at = float(observed.get("time", self.clock()))
             if seen_at < vm.observed_at:
                 return  # an older observation arrived late

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from novacron.agents import HostAgent, Reporter, VMAgent, make_driver
+from novacron.errors import NotSupported
 from novacron.model import VM, Host
 
 log = logging.getLogger("novacron.localfleet")
@@ -90,6 +91,10 @@ class LocalFleet:
         agent = self._vms.pop(vm_id, None)
         if agent is not None:
             agent.driver.close()
+
+    def run_migration(self, migration_id: str, source: str) -> None:
+        raise NotSupported("migrations run on the Ray runtime (a MigrationActor each); the "
+                           "in-process fleet cannot run them", details={"migration": migration_id})
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_interval_s):

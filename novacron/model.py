@@ -11,8 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from novacron.ids import HostName, VMId
-from novacron.states import HostState, PowerState, VMState
+from novacron.ids import HostName, MigrationId, VMId
+from novacron.states import HostState, MigrationPhase, PowerState, VMState
 
 __all__ = [
     "VM",
@@ -20,6 +20,11 @@ __all__ = [
     "HostCreate",
     "HostName",
     "HostState",
+    "Migration",
+    "MigrationCreate",
+    "MigrationPhase",
+    "MigrationPolicy",
+    "MigrationProgress",
     "Overcommit",
     "PlacementPolicy",
     "PowerState",
@@ -139,6 +144,7 @@ class VM(BaseModel):
     epoch: int = 0  # rises on every placement, restart and migration switchover (fencing)
     guest_id: str | None = None  # the driver's handle of the running guest (pid, domain uuid...)
     pending: str | None = None  # a one-off action awaiting its agent: "reboot" or "force_stop"
+    migration: str | None = None  # the migration moving it: its agents stand aside meanwhile
     last_error: str | None = None
     observed_at: float = 0.0  # when the state was last observed (late, older reports are ignored)
     created_at: float = Field(default_factory=time.time)
@@ -190,3 +196,68 @@ class Host(BaseModel):
     @property
     def schedulable(self) -> bool:
         return self.state == HostState.UP
+
+
+MigrationMode = Literal["cold", "warm", "live"]
+
+
+class MigrationPolicy(_Strict):
+    """How a migration moves the VM."""
+
+    auto_converge: bool = False  # throttle the guest's CPU in steps when pre-copy lags
+    post_copy: bool = False
+    bandwidth_mib_s: float | None = Field(default=None, gt=0, le=1_000_000)
+    max_downtime_ms: int = Field(default=300, ge=1, le=600_000)
+    compress: bool = False
+    xbzrle: bool = False
+
+
+class MigrationCreate(_Strict):
+    """``POST /api/v1/migrations``: move ``vm`` (id or name) to ``target_host``."""
+
+    vm: Annotated[str, StringConstraints(min_length=1, max_length=128)]
+    target_host: Name
+    mode: MigrationMode = "live"
+    policy: MigrationPolicy = Field(default_factory=MigrationPolicy)
+    dry_run: bool = False  # only predict the cost; nothing moves
+
+
+class MigrationProgress(BaseModel):
+    """How far a migration is; ``percent`` never decreases."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    percent: float = 0.0
+    bytes_sent: int = 0
+    bytes_remaining: int = 0
+    rate: float = 0.0  # bytes/s measured over the last pass
+    eta_s: float | None = None
+    dirty_rate: float = 0.0  # bytes/s the guest dirtied during the last pass
+    iteration: int = 0
+    throttle_pct: int = 0
+
+
+class Migration(BaseModel):
+    """A migration record: what is moved where, its phase and progress, and how it ended."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: MigrationId
+    vm: VMId
+    tenant: str = "default"
+    source: HostName
+    target: HostName
+    mode: MigrationMode
+    policy: MigrationPolicy = Field(default_factory=MigrationPolicy)
+    phase: MigrationPhase = MigrationPhase.PENDING
+    reason: str | None = None  # why it failed or was rolled back
+    cancel_requested: bool = False
+    force_complete: bool = False  # switch over at the next pass, whatever the downtime
+    progress: MigrationProgress = Field(default_factory=MigrationProgress)
+    prediction: dict[str, Any] = Field(default_factory=dict)
+    outcome: dict[str, Any] = Field(default_factory=dict)  # downtime_ms, total_s, bytes...
+    checkpoint: dict[str, Any] = Field(default_factory=dict)  # what a restarted actor resumes
+    created_at: float = Field(default_factory=time.time)
+    started_at: float | None = None
+    updated_at: float = Field(default_factory=time.time)
+    revision: int = 0

@@ -33,7 +33,7 @@ from novacron.auth.quotas import Quota
 from novacron.auth.tenants import DEFAULT_TENANT
 from novacron.controlplane import ControlPlane
 from novacron.errors import InvalidRequest, NotFound, NovaCronError
-from novacron.model import VM, Host, HostCreate, VMCreate, VMSpec
+from novacron.model import VM, Host, HostCreate, Migration, MigrationCreate, VMCreate, VMSpec
 from novacron.states import HostState
 
 log = logging.getLogger("novacron.secured")
@@ -50,6 +50,11 @@ def no_vm(ref: str) -> NotFound:
 def no_host(name: str) -> NotFound:
     """What a host the caller may not see answers: the same as one that does not exist."""
     return NotFound(f"no host named {name!r}", details={"host": name})
+
+
+def no_migration(ref: str) -> NotFound:
+    """What a migration the caller may not see answers: the same as one that does not exist."""
+    return NotFound(f"no migration with id {ref!r}", details={"migration": ref})
 
 
 def home_tenant(principal: Principal) -> str:
@@ -210,6 +215,46 @@ class SecuredPlane:
             return self.plane.snapshot(vm.id, op)
         return self._run(caller, principal, f"vms:snapshot-{op}", vm.tenant, vm.id,
                          lambda: self.plane.snapshot(vm.id, op, name))
+
+    # -- migrations ---------------------------------------------------------------------------
+    def create_migration(self, caller: Caller, req: MigrationCreate) -> Migration:
+        """Start moving a VM the caller may act on to a host it may see; with ``dry_run``,
+        only the cost model's prediction."""
+        principal, vm = self._vm(caller, _V.READ, req.vm)
+        self.gate.check(caller, principal, _R.MIGRATIONS, _V.READ if req.dry_run else _V.CREATE,
+                        vm.tenant, vm.id)
+        self._host(caller, _V.READ, req.target_host)
+        if req.dry_run:
+            return self.plane.create_migration(vm.id, req)
+        return self._run(caller, principal, "migrations:create", vm.tenant, vm.id,
+                         lambda: self.plane.create_migration(vm.id, req))
+
+    def _migration(self, caller: Caller, verb: Verb,
+                   migration_id: str) -> tuple[Principal, Migration]:
+        principal = self.gate.principal(caller)
+        migration = self.plane.get_migration(migration_id)
+        self.gate.check(caller, principal, _R.MIGRATIONS, _V.READ, migration.tenant,
+                        migration.id, hidden=no_migration(migration_id))
+        if verb != _V.READ:
+            self.gate.check(caller, principal, _R.MIGRATIONS, verb, migration.tenant,
+                            migration.id)
+        return principal, migration
+
+    def get_migration(self, caller: Caller, migration_id: str) -> Migration:
+        return self._migration(caller, _V.READ, migration_id)[1]
+
+    def list_migrations(self, caller: Caller) -> list[Migration]:
+        tenants = self.gate.readable_tenants(self.gate.principal(caller), _R.MIGRATIONS)
+        if tenants is None:
+            return self.plane.list_migrations()
+        return [m for t in sorted(tenants) for m in self.plane.list_migrations(tenant=t)]
+
+    def migration_action(self, caller: Caller, migration_id: str, action: str) -> Migration:
+        """``cancel`` (roll back) or ``force-complete`` a running migration."""
+        principal, migration = self._migration(caller, _V.ACT, migration_id)
+        return self._run(caller, principal, f"migrations:{action}", migration.tenant,
+                         migration.id,
+                         lambda: self.plane.request_migration(migration.id, action))
 
     # -- tenants ------------------------------------------------------------------------------
     def create_tenant(self, caller: Caller, name: str, quota: dict[str, Any] | None = None,

@@ -127,3 +127,45 @@ def check_vm_action(action: str, current: VMState) -> PowerState:
             details={"action": action, "state": current.value},
         )
     return target
+
+
+class MigrationPhase(StrEnum):
+    """Phase of a migration. A cold one goes preparing, syncing-disk, switchover; a live one
+    adds precopy and stop-and-copy before its switchover."""
+
+    PENDING = "pending"  # accepted; queued while the cluster or its source is at its limit
+    PREPARING = "preparing"  # target capacity reserved, guest defined on the target
+    SYNCING_DISK = "syncing-disk"
+    PRECOPY = "precopy"  # memory copied while the guest runs, pass after pass
+    STOP_AND_COPY = "stop-and-copy"  # the guest is paused; the last dirty pages and disk move
+    SWITCHOVER = "switchover"  # the target guest starts; the record moves to it
+    COMPLETED = "completed"
+    CANCELLING = "cancelling"  # rolling back: the target is cleaned, the source keeps the VM
+    ROLLED_BACK = "rolled-back"
+    FAILED = "failed"
+
+
+_M = MigrationPhase
+_ROLLBACK = frozenset({_M.CANCELLING, _M.FAILED})
+MIGRATION_TRANSITIONS: dict[MigrationPhase, frozenset[MigrationPhase]] = {
+    _M.PENDING: frozenset({_M.PREPARING}) | _ROLLBACK,
+    _M.PREPARING: frozenset({_M.SYNCING_DISK}) | _ROLLBACK,
+    _M.SYNCING_DISK: frozenset({_M.PRECOPY, _M.SWITCHOVER}) | _ROLLBACK,
+    _M.PRECOPY: frozenset({_M.STOP_AND_COPY}) | _ROLLBACK,
+    _M.STOP_AND_COPY: frozenset({_M.SWITCHOVER}) | _ROLLBACK,
+    _M.SWITCHOVER: frozenset({_M.COMPLETED, _M.FAILED}),  # past the point of no return
+    _M.CANCELLING: frozenset({_M.ROLLED_BACK, _M.FAILED}),
+    _M.COMPLETED: frozenset(),
+    _M.ROLLED_BACK: frozenset(),
+    _M.FAILED: frozenset(),
+}
+MIGRATION_DONE = frozenset({_M.COMPLETED, _M.ROLLED_BACK, _M.FAILED})
+
+
+def check_migration_transition(current: MigrationPhase, new: MigrationPhase) -> None:
+    """Raise InvalidTransition unless a migration may move from ``current`` to ``new``."""
+    if new != current and new not in MIGRATION_TRANSITIONS[current]:
+        raise InvalidTransition(
+            f"a migration cannot go from {current.value} to {new.value}",
+            details={"from": current.value, "to": new.value},
+        )

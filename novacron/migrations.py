@@ -1,0 +1,103 @@
+"""Migration rules without Ray or a store: limits, timeouts, progress, what a driver can do.
+
+The control plane (``novacron.controlplane``) applies them to records and the MigrationActor
+(``actors/migration.py``) to the passes it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from functools import cache
+from pathlib import Path
+
+from novacron.drivers.base import Capability
+from novacron.drivers.sim import SimDriver
+from novacron.errors import NotSupported
+from novacron.migration.costmodel import Prediction, Workload, predict
+from novacron.migration.precopy import PrecopyPolicy
+from novacron.model import VM, Migration, MigrationPolicy, MigrationProgress
+from novacron.states import MIGRATION_DONE, MigrationPhase
+
+MAX_ACTIVE = 5  # migrations running at once in the cluster (more are queued)
+MAX_OUTBOUND = 2  # migrations running at once out of one host
+TIMEOUT_S_PER_GIB = 150.0  # completion timeout per GiB to move
+NO_PROGRESS_TIMEOUT_S = 150.0  # a migration that moves nothing for this long fails
+DEFAULT_LINK_MIB_S = 1024.0  # assumed link speed for a prediction without a bandwidth cap
+_MIB = 1024**2
+_GIB = 1024**3
+
+
+def required_capability(mode: str) -> Capability:
+    """The driver capability a migration mode needs on both hosts."""
+    return Capability.COLD_MIGRATION if mode == "cold" else Capability.LIVE_MIGRATION
+
+
+@cache
+def _sim_capabilities() -> frozenset[Capability]:
+    return SimDriver("probe", None, {}, Path("/nonexistent")).capabilities
+
+
+def check_supported(mode: str, policy: MigrationPolicy, drivers: Iterable[str]) -> None:
+    """NotSupported, saying why, for a mode or policy option NovaCron cannot run here."""
+    capability = required_capability(mode)
+    for name in drivers:
+        if name != "sim":
+            raise NotSupported(f"{mode} migration is implemented for sim hosts only; "
+                               f"this host uses the {name} driver",
+                               details={"driver": name, "mode": mode})
+        if capability not in _sim_capabilities():
+            raise NotSupported(f"the {name} driver cannot do {capability.value}",
+                               details={"driver": name, "capability": capability.value})
+    if mode == "warm":
+        raise NotSupported("warm migration is not implemented yet; use cold or live",
+                           details={"mode": mode})
+    unsupported = [k for k in ("post_copy", "compress", "xbzrle") if getattr(policy, k)]
+    if unsupported:
+        raise NotSupported(f"policy option(s) {', '.join(unsupported)} are not implemented: sim "
+                           "hosts copy pages directly between their memory files",
+                           details={"options": unsupported})
+
+
+def can_admit(migration: Migration, others: Iterable[Migration]) -> bool:
+    """Whether a pending migration may start now: the cluster runs fewer than ``MAX_ACTIVE``
+    and its source fewer than ``MAX_OUTBOUND``; older pending ones go first."""
+    active = [m for m in others if m.id != migration.id and m.phase not in MIGRATION_DONE]
+    running = [m for m in active if m.phase != MigrationPhase.PENDING]
+    ahead = [m for m in active if m.phase == MigrationPhase.PENDING and m.id < migration.id]
+    cluster = len(running) + len(ahead)
+    outbound = sum(1 for m in running + ahead if m.source == migration.source)
+    return cluster < MAX_ACTIVE and outbound < MAX_OUTBOUND
+
+
+def completion_timeout_s(vm: VM) -> float:
+    """How long a migration of ``vm`` may take: ``TIMEOUT_S_PER_GIB`` per GiB of RAM and disk,
+    at least one GiB's worth."""
+    gib = vm.spec.memory_mib / 1024 + vm.spec.disk_gib
+    return TIMEOUT_S_PER_GIB * max(1.0, gib)
+
+
+def precopy_policy(policy: MigrationPolicy) -> PrecopyPolicy:
+    """The pre-copy planner's policy for a migration policy."""
+    return PrecopyPolicy(downtime_limit_s=policy.max_downtime_ms / 1000,
+                         auto_converge=policy.auto_converge, post_copy=policy.post_copy)
+
+
+def prediction(vm: VM, mode: str, policy: MigrationPolicy, *,
+               disk_bytes: int | None = None) -> Prediction:
+    """The cost model's prediction for moving ``vm`` (the whole disk unless ``disk_bytes``)."""
+    link = (policy.bandwidth_mib_s or DEFAULT_LINK_MIB_S) * _MIB
+    work = vm.spec.workload
+    workload = Workload(
+        bandwidth=link,
+        disk_bytes=vm.spec.disk_gib * _GIB if disk_bytes is None else disk_bytes,
+        memory_bytes=vm.spec.memory_mib * _MIB if mode == "live" else 0,
+        memory_dirty_rate=work.dirty_rate_mib_s * _MIB,
+        disk_dirty_rate=min(work.disk_write_mib_s * _MIB, link / 2),
+        device_state_bytes=4096,
+    )
+    return predict(mode, workload, precopy_policy(policy))  # type: ignore[arg-type]
+
+
+def advance(old: MigrationProgress, new: MigrationProgress) -> MigrationProgress:
+    """``new`` with its percent held at or above ``old``'s (progress never goes back)."""
+    return new.model_copy(update={"percent": round(max(old.percent, min(new.percent, 100.0)), 1)})
