@@ -348,7 +348,7 @@ class AwsDriver(CloudDriver):
         return self.region
 
     def _catalogue_scope(self) -> str:
-        return f"{self.region}|{self.architecture}"
+        return f"{self.region}|{self.architecture}|{','.join(self.settings.instance_types)}"
 
     def _check_location(self) -> None:
         with self._call("list the AWS regions", region=self.region):
@@ -368,6 +368,9 @@ class AwsDriver(CloudDriver):
         filters = [{"Name": "supported-usage-class", "Values": ["on-demand"]},
                    {"Name": "processor-info.supported-architecture",
                     "Values": [self.architecture]}]
+        if self.settings.instance_types:  # EC2 matches the same globs: list only those
+            filters.append({"Name": "instance-type",
+                            "Values": list(self.settings.instance_types)})
         types: list[InstanceType] = []
         with self._call("list the EC2 instance types", region=self.region):
             pages = self._client("ec2").get_paginator("describe_instance_types").paginate(

@@ -35,7 +35,9 @@ shared by the three drivers, all optional; each driver adds its own (region, zon
     the image of guests whose spec names none.
 ``instance_types`` / ``prices``
     glob patterns of the types/sizes guests may get (default: all), and hourly prices that rank
-    them; without a price a type ranks by vCPUs, then memory.
+    them; without a price a type ranks by vCPUs, then memory. A guest label
+    ``<driver>.instance_type`` (``aws``), ``azure.vm_size`` or ``gcp.machine_type`` pins a type,
+    patterns or not; the provider then judges it.
 ``catalogue_ttl_s``
     how long the type catalogue is cached (in memory and under ``state_dir``; 86400).
 ``poll_interval_s`` / ``operation_timeout_s``

@@ -23,11 +23,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                         help=f"run the live {cloud} smoke tests (real credentials, real costs)")
 
 
-def live_enabled(config: pytest.Config, cloud: str) -> bool:
-    """Whether ``--<cloud>`` was given (False when the plugin was loaded too late for flags)."""
-    return bool(config.getoption(f"--{cloud}", default=False))
-
-
 @pytest.fixture(scope="session")
 def moto_url() -> Iterator[str]:
     """moto in server mode on 127.0.0.1, warmed once per session."""

@@ -81,6 +81,7 @@ class Env:
         return {"region": REGION, "endpoint_url": self.proxy.url,
                 "credentials": {"source": "file", "path": str(self.keys)},
                 "capacity": {"cpus": 64}, "default_image": self.ami, "poll_interval_s": 0.01,
+                "instance_types": ["t3.*", "m5.*", "c5.*"],
                 "max_attempts": 4, "credential_check_interval_s": 0, "page_size": 100, **over}
 
     def driver(self, host: str | None = None, connect: bool = True, **over: Any) -> AwsDriver:
@@ -105,7 +106,7 @@ class Env:
 @pytest.fixture(scope="session")
 def warm_catalogue(aws_proxy_session: FaultProxy, aws_state: Path, ami: str,
                    tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Read the instance types once (moto takes seconds to list them)."""
+    """Read the default instance types once (moto is slow to list them)."""
     e = Env(aws_proxy_session, aws_state, tmp_path_factory.mktemp("warm"), ami)
     e.driver().catalogue.types()
     e.cleanup()
