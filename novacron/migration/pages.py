@@ -1,7 +1,7 @@
 """Copying guest memory pages between two memory files (the pre-copy passes' data path).
 
 Both files are mapped; a pass copies the given pages in batches, each batch paced by an optional
-:class:`~novacron.migration.throttle.TokenBucket` and preceded by a ``keep_going`` check, so a
+:class:`~novacron.migration.throttle.TokenBucket` and followed by a callback that may raise, so a
 cancel is noticed within one batch. Pure numpy, no Ray.
 """
 
@@ -39,12 +39,11 @@ class PassResult:
 
 def copy_pages(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                pages: npt.NDArray[np.intp], *, bucket: TokenBucket | None = None,
-               keep_going: Callable[[], bool] = lambda: True,
                on_batch: Callable[[int], None] | None = None) -> PassResult:
     """Copy ``pages`` (indices) of memory file ``src`` into ``dst`` (same size).
 
-    Stops early, returning what was copied, when ``keep_going`` turns False; ``on_batch`` is told
-    the bytes of each batch copied.
+    ``on_batch`` is told the bytes of each batch copied; an exception it raises (a cancel) ends
+    the pass.
     """
     started = time.perf_counter()
     done = 0
@@ -54,17 +53,17 @@ def copy_pages(src: str | os.PathLike[str], dst: str | os.PathLike[str],
                 mmap.mmap(fout.fileno(), 0) as mout:
             source = np.frombuffer(min_, dtype=np.uint8).reshape(-1, PAGE_SIZE)
             target = np.frombuffer(mout, dtype=np.uint8).reshape(-1, PAGE_SIZE)
-            for start in range(0, len(pages), BATCH_PAGES):
-                if not keep_going():
-                    break
-                batch = pages[start:start + BATCH_PAGES]
-                if bucket is not None:
-                    bucket.acquire(len(batch) * PAGE_SIZE)
-                target[batch] = source[batch]
-                done += len(batch)
-                if on_batch is not None:
-                    on_batch(len(batch) * PAGE_SIZE)
-            del source, target  # release the buffers before the mappings close
+            try:
+                for start in range(0, len(pages), BATCH_PAGES):
+                    batch = pages[start:start + BATCH_PAGES]
+                    if bucket is not None:
+                        bucket.acquire(len(batch) * PAGE_SIZE)
+                    target[batch] = source[batch]
+                    done += len(batch)
+                    if on_batch is not None:
+                        on_batch(len(batch) * PAGE_SIZE)  # may raise to stop the pass
+            finally:
+                del source, target  # release the buffers before the mappings close
     return PassResult(done, done * PAGE_SIZE, time.perf_counter() - started)
 
 
