@@ -10,12 +10,19 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from novacron.drivers.base import Driver, GuestConfig, GuestInfo, driver_class
+from novacron.drivers.base import (
+    Capability,
+    Driver,
+    GuestConfig,
+    GuestEvent,
+    GuestInfo,
+    driver_class,
+)
 from novacron.errors import InvalidRequest, NotFound, NovaCronError, StaleEpoch
 from novacron.states import PowerState, VMState
 
@@ -178,20 +185,61 @@ class VMAgent:
 
 
 class HostAgent:
-    """Samples one host and its guests, and sends them to the control plane as heartbeats."""
+    """Samples one host and its guests and sends them to the control plane as heartbeats.
+
+    Once :meth:`watch` is called on a driver that pushes events (:attr:`Capability.EVENTS`),
+    each guest change is also sent the moment the driver reports it: as a heartbeat carrying
+    that one guest and the last sample, which the control plane applies unless an operation on
+    the VM is in flight (its VMAgent reports that outcome itself). Polling alone would leave a
+    guest that stopped on its own unnoticed until the next beat.
+    """
 
     def __init__(self, host: str, driver: Driver, reporter: Reporter) -> None:
         self.host = host
         self.driver = driver
         self.reporter = reporter
+        self._stats: dict[str, Any] | None = None
+        self._sampling = threading.Lock()
+        self._unsubscribe: Callable[[], None] | None = None
 
     def info(self) -> dict[str, Any]:
         """The host's physical size and hypervisor."""
         return asdict(self.driver.host_info())
 
+    def sample(self) -> dict[str, Any]:
+        """Sample the host's usage now; ``time`` says when."""
+        with self._sampling:
+            self._stats = {**asdict(self.driver.host_stats()), "time": time.time()}
+            return self._stats
+
     def beat(self) -> None:
         """Take one sample and send it."""
-        stats = asdict(self.driver.host_stats())
+        stats = self.sample()
         now = time.time()
         guests = [{**asdict(g), "state": g.state.value, "time": now} for g in self.driver.list()]
         self.reporter.heartbeat(self.host, stats, guests)
+
+    def watch(self) -> bool:
+        """Send each guest change as the driver pushes it (idempotent); False when the driver
+        has no events and is only polled."""
+        if Capability.EVENTS not in self.driver.capabilities:
+            return False
+        if self._unsubscribe is None:
+            self._unsubscribe = self.driver.subscribe(self._on_event)
+        return True
+
+    def _on_event(self, event: GuestEvent) -> None:
+        """Runs on the driver's event thread."""
+        guest = {"vm_id": event.vm_id, "state": event.state.value, "guest_id": event.guest_id,
+                 "epoch": event.epoch, "reason": event.reason, "time": event.at}
+        log.debug("host %s: guest %s %s (%s)", self.host, event.vm_id, event.event,
+                  event.state.value)
+        stats = self._stats if self._stats is not None else self.sample()
+        self.reporter.heartbeat(self.host, stats, [guest])
+
+    def close(self) -> None:
+        """Stop watching and release the driver's connection. Guests keep running."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        self.driver.close()

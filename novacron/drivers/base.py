@@ -15,8 +15,9 @@ This module imports no third-party package: the VMActor process stays lean.
 from __future__ import annotations
 
 import importlib
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -65,6 +66,21 @@ class GuestInfo:
     guest_id: str | None = None  # the driver's own handle: a pid, a domain UUID, an instance id
     epoch: int = 0
     reason: str = ""
+
+
+@dataclass(frozen=True)
+class GuestEvent:
+    """A guest's state right after its hypervisor reported a change, pushed by drivers with
+    :attr:`Capability.EVENTS`. ``event`` names the change (``started``, ``stopped``,
+    ``undefined``...; ``resync`` when every guest is sent again after a reconnect)."""
+
+    vm_id: str
+    state: VMState
+    reason: str
+    event: str
+    epoch: int = 0
+    guest_id: str | None = None
+    at: float = field(default_factory=time.time)
 
 
 @dataclass(frozen=True)
@@ -186,6 +202,13 @@ class Driver(ABC):
     @abstractmethod
     def stats(self, vm_id: str) -> GuestStats:
         """The guest's counters; NotFound if it is not defined here."""
+
+    # -- events (drivers with Capability.EVENTS override this) ------------------------------
+    def subscribe(self, callback: Callable[[GuestEvent], None]) -> Callable[[], None]:
+        """Call ``callback`` with a :class:`GuestEvent` after each guest state change, on a
+        thread of the driver's; returns a function that unsubscribes."""
+        self.require(Capability.EVENTS)
+        raise NotImplementedError(f"{self.name} declares events but does not push them")
 
     # -- snapshots (drivers with Capability.SNAPSHOT override these) -----------------------
     def snapshot_create(self, vm_id: str, name: str, *, description: str = "") -> object:

@@ -69,6 +69,7 @@ from novacron.drivers.base import (
     Capability,
     Driver,
     GuestConfig,
+    GuestEvent,
     GuestInfo,
     GuestStats,
     HostInfo,
@@ -373,19 +374,6 @@ class HostConfig:
 # -- events ----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GuestEvent:
-    """A guest's state after a libvirt lifecycle event (``event`` is ``resync`` after a
-    reconnect, when every guest's state is sent again)."""
-
-    vm_id: str
-    state: VMState
-    reason: str
-    event: str
-    epoch: int = 0
-    at: float = field(default_factory=time.time)
-
-
 EventCallback = Callable[[GuestEvent], None]
 _RESYNC = -1  # a queued "event" asking for every guest's state (after a reconnect)
 
@@ -654,38 +642,49 @@ class LibvirtDriver(Driver):
             self._events.put((name[len(DOMAIN_PREFIX):], event))
 
     def _dispatch(self) -> None:
-        """Turn queued events into GuestEvents with the guest's current state."""
+        """Wake what waits for a state change; for subscribers, turn each queued event into
+        GuestEvents with the guest's current state (read only when someone subscribes: every
+        agent of the host has a connection, and each sees every guest's events)."""
         while (item := self._events.get()) is not None:
+            with self._changed:
+                self._changed.notify_all()
+            subscribers = list(self._subscribers)
+            if not subscribers:
+                continue
             vm_id, event = item
             try:
-                events = self._resync() if event == _RESYNC else [self._event(vm_id, event)]
+                events = self._resync() if event == _RESYNC else self._event(vm_id, event)
             except NovaCronError as err:
                 log.info("cannot read guest state after event %s: %s", item, err.message)
                 continue
-            with self._changed:
-                self._changed.notify_all()
             for guest_event in events:
-                for callback in list(self._subscribers):
+                for callback in subscribers:
                     try:
                         callback(guest_event)
                     except Exception:
                         log.exception("event subscriber %r failed", callback)
 
-    def _event(self, vm_id: str, event: int) -> GuestEvent:
+    def _event(self, vm_id: str, event: int) -> builtins.list[GuestEvent]:
+        """The guest's state after ``event``; nothing when the domain only has a NovaCron name
+        (its metadata is not guest ``vm_id``'s: someone else's domain)."""
         name = _EVENTS.get(event, f"event-{event}")
         try:
             dom = self._lookup(vm_id)
-            info = None if dom is None else self._info(dom, vm_id)
+            meta = None if dom is None else self._metadata(dom)
+            if dom is not None and (meta is None or meta.vm_id != vm_id):
+                return []
+            info = None if dom is None else self._info(dom, vm_id, meta)
         except NotFound:  # undefined while being read
             info = None
         if info is None:
-            return GuestEvent(vm_id=vm_id, state=VMState.DELETED, reason="undefined", event=name)
-        return GuestEvent(vm_id=vm_id, state=info.state, reason=info.reason, event=name,
-                          epoch=info.epoch)
+            return [GuestEvent(vm_id=vm_id, state=VMState.DELETED, reason="undefined",
+                               event=name)]
+        return [GuestEvent(vm_id=vm_id, state=info.state, reason=info.reason, event=name,
+                           epoch=info.epoch, guest_id=info.guest_id)]
 
     def _resync(self) -> list[GuestEvent]:
         return [GuestEvent(vm_id=g.vm_id, state=g.state, reason=g.reason, event="resync",
-                           epoch=g.epoch) for g in self.list()]
+                           epoch=g.epoch, guest_id=g.guest_id) for g in self.list()]
 
     def _wait_inactive(self, dom: Any, timeout_s: float) -> bool:
         """Wait (woken by lifecycle events, rechecking each second) until ``dom`` is off."""
@@ -702,18 +701,19 @@ class LibvirtDriver(Driver):
 
     # -- host --------------------------------------------------------------------------------
     def host_info(self) -> HostInfo:
-        """CPUs and memory from ``virNodeGetInfo``; disk is the guest pool's capacity."""
+        """CPUs and memory from ``virNodeGetInfo``; disk is the guest pool's capacity (the pool
+        is set up first: a host registered before its pool exists would offer no disk)."""
         conn = self._c()
         with translate("cannot read host info", host=self.host):
             _model, memory_mib, cpus, *_ = conn.getInfo()
             hv_type = conn.getType().lower()
             hv_version = conn.getVersion()
             lib_version = conn.getLibVersion()
-        pool = self._pool_info_or_none(self.settings.pool)
+        pool = self.ensure_pool()
         return HostInfo(
             cpus=float(cpus),
             memory_mib=int(memory_mib),
-            disk_gib=0 if pool is None else pool.capacity_bytes // GIB,
+            disk_gib=pool.capacity_bytes // GIB,
             hypervisor=hv_type,
             version=f"{hv_type} {_version(hv_version)}, libvirt {_version(lib_version)}",
         )

@@ -1,4 +1,5 @@
-"""A NovaCron control plane on the session's Ray, one per test, with its own namespace."""
+"""A NovaCron control plane on the session's Ray, one per test, with its own namespace; the real
+libvirt tier's machine, one per session (:mod:`tests.integration.libvirt_env`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from novacron.client import NovaCron, connect
 from novacron.config import Settings
 from novacron.model import HostCreate
 from tests.conftest import kill_guests_under, sim_host_config
+from tests.integration.libvirt_env import LibvirtEnv, session
 
 
 @dataclass
@@ -56,3 +58,9 @@ def running(ray_session: None, state_dir: Path) -> Iterator[Running]:
     yield start(settings)
     stop_control_plane(settings.namespace, stop_guests=True)
     kill_guests_under(state_dir)
+
+
+@pytest.fixture(scope="session")
+def libvirt_env() -> Iterator[LibvirtEnv]:
+    """Real libvirt daemons, the tiny guest and a template, held for the whole session."""
+    yield from session()

@@ -1,10 +1,10 @@
 """The libvirt driver against real libvirt daemons running real QEMU (TCG) guests.
 
-The session starts (through ``scripts/libvirt-daemons.sh``) the system libvirtd and a second
-libvirtd on 127.0.0.2 as a migration peer, builds the tiny busybox guest
-(:mod:`tests.libvirt_guest`), and stops the daemons it started. Every guest prints a heartbeat
-counter to its serial console, which both daemons append to the same log file, so a test can see
-that a guest is alive, paused, rebooted, reverted, or migrated without a gap.
+The machine (the system libvirtd, a second libvirtd on 127.0.0.2 as a migration peer, the tiny
+busybox guest whose serial console prints a heartbeat counter) is the session's ``libvirt_env``
+(:mod:`tests.integration.libvirt_env`); both daemons append guests' consoles to the same log
+file, so a test can see that a guest is alive, paused, rebooted, reverted, or migrated without a
+gap.
 
 Skips with the exact reason when this machine cannot run it (not root, packages missing: run
 ``bash scripts/install-system-deps.sh``).
@@ -13,12 +13,8 @@ Skips with the exact reason when this machine cannot run it (not root, packages 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import itertools
-import os
-import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -29,137 +25,70 @@ from typing import Any
 
 import pytest
 
-from novacron.drivers.base import GuestConfig
+from novacron.drivers.base import GuestConfig, GuestEvent
 from novacron.errors import AlreadyExists, DriverError, NoCapacity, NotFound, NovaCronError
 from novacron.states import VMState
+from tests.integration.libvirt_env import (
+    PEER_URI,
+    SYSTEM_URI,
+    WORK,
+    LibvirtEnv,
+    daemons,
+    skip_unless_possible,
+)
 from tests.libvirt_guest import (
     GUEST_POWEROFF,
     GUEST_UP,
-    GuestFiles,
-    build_guest,
     heartbeats,
-    missing_requirements,
     wait_heartbeats,
     wait_until,
 )
 
 pytestmark = [pytest.mark.libvirt, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
-DAEMONS = ROOT / "scripts" / "libvirt-daemons.sh"
-WORK = Path(os.environ.get("NOVACRON_LIBVIRT_WORK", "/var/tmp/novacron-it"))
-LOCK = WORK / "session.lock"
-SYSTEM_URI = "qemu:///system"
-PEER_URI = f"qemu+tcp://{os.environ.get('NOVACRON_PEER_ADDR', '127.0.0.2')}/system"
 SHARED_POOL = ("novacron-it-shared", str(WORK / "shared"))
 # Under /var/lib/libvirt: the peer daemon sees its own private tmpfs there, so this pool is
 # local storage on each daemon (what copy-storage migration is for).
 LOCAL_POOL = ("novacron-it-local", "/var/lib/libvirt/images/novacron-it")
 
-if (_missing := missing_requirements()):
-    pytest.skip("the libvirt integration tier needs: " + "; ".join(_missing)
-                + " (install with: sudo bash scripts/install-system-deps.sh)",
-                allow_module_level=True)
+skip_unless_possible()
 
 import libvirt  # noqa: E402
 
-from novacron.drivers.libvirt import GuestEvent, LibvirtDriver, domain_name  # noqa: E402
+from novacron.drivers.libvirt import LibvirtDriver, domain_name  # noqa: E402
 from novacron.drivers.libvirt_xml import Domain  # noqa: E402
 
 
-def daemons(action: str, which: str) -> str:
-    done = subprocess.run(["bash", str(DAEMONS), action, which], capture_output=True,
-                          text=True, timeout=60)
-    if done.returncode:
-        raise RuntimeError(f"libvirt-daemons.sh {action} {which} failed: {done.stderr}")
-    return done.stdout.strip()
-
-
-@dataclass
-class Env:
-    guest: GuestFiles
-    template: Path
-    console: Path
-    system_started: bool
-
-
-@contextlib.contextmanager
-def exclusive(timeout_s: float = 900.0) -> Iterator[None]:
-    """Hold the machine-wide lock of this tier: test sessions share the daemons and pools."""
-    LOCK.parent.mkdir(parents=True, exist_ok=True)
-    with LOCK.open("w") as fh:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"another test session held {LOCK} for {timeout_s:.0f} s")
-                time.sleep(0.5)
-        yield
-
-
-@pytest.fixture(scope="session")
-def env() -> Iterator[Env]:
-    with exclusive():
-        yield from _env()
-
-
-def _env() -> Iterator[Env]:
-    started = [which for which in ("system", "peer") if daemons("start", which) == "started"]
-    try:
-        guest = build_guest(WORK / "guest")
-        template = WORK / "templates" / "base.qcow2"
-        if not template.exists():
-            template.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(template), "64M"],
-                           check=True)
-        console = WORK / f"console-{os.getpid()}"
-        console.mkdir(parents=True)
-        yield Env(guest=guest, template=template, console=console,
-                  system_started="system" in started)
-        shutil.rmtree(console, ignore_errors=True)
-    finally:
-        for which in reversed(started):
-            daemons("stop", which)
-
-
-def make_driver(env: Env, name: str, uri: str, pool: tuple[str, str]) -> LibvirtDriver:
-    config = {
-        "pool": pool[0], "pool_path": pool[1], "domain_type": "qemu", "network": "none",
-        "kernel": str(env.guest.kernel), "initrd": str(env.guest.initrd),
-        "cmdline": env.guest.cmdline, "console_log_dir": str(env.console),
-    }
-    driver = LibvirtDriver(name, uri, config, WORK)
+def make_driver(env: LibvirtEnv, name: str, uri: str, pool: tuple[str, str]) -> LibvirtDriver:
+    driver = LibvirtDriver(name, uri, env.host_config(pool), WORK)
     driver.connect()
     return driver
 
 
 @pytest.fixture(scope="session")
-def src(env: Env) -> Iterator[LibvirtDriver]:
-    driver = make_driver(env, "src", SYSTEM_URI, SHARED_POOL)
+def src(libvirt_env: LibvirtEnv) -> Iterator[LibvirtDriver]:
+    driver = make_driver(libvirt_env, "src", SYSTEM_URI, SHARED_POOL)
     yield driver
     driver.close()
 
 
 @pytest.fixture(scope="session")
-def dst(env: Env) -> Iterator[LibvirtDriver]:
-    driver = make_driver(env, "dst", PEER_URI, SHARED_POOL)
+def dst(libvirt_env: LibvirtEnv) -> Iterator[LibvirtDriver]:
+    driver = make_driver(libvirt_env, "dst", PEER_URI, SHARED_POOL)
     yield driver
     driver.close()
 
 
 @pytest.fixture(scope="session")
-def src_local(env: Env) -> Iterator[LibvirtDriver]:
-    driver = make_driver(env, "src-local", SYSTEM_URI, LOCAL_POOL)
+def src_local(libvirt_env: LibvirtEnv) -> Iterator[LibvirtDriver]:
+    driver = make_driver(libvirt_env, "src-local", SYSTEM_URI, LOCAL_POOL)
     yield driver
     driver.close()
 
 
 @pytest.fixture(scope="session")
-def dst_local(env: Env) -> Iterator[LibvirtDriver]:
-    driver = make_driver(env, "dst-local", PEER_URI, LOCAL_POOL)
+def dst_local(libvirt_env: LibvirtEnv) -> Iterator[LibvirtDriver]:
+    driver = make_driver(libvirt_env, "dst-local", PEER_URI, LOCAL_POOL)
     yield driver
     driver.close()
 
@@ -167,7 +96,7 @@ def dst_local(env: Env) -> Iterator[LibvirtDriver]:
 class Guests:
     """Makes VM ids for a test and removes their guests from every daemon afterwards."""
 
-    def __init__(self, env: Env, drivers: list[LibvirtDriver]) -> None:
+    def __init__(self, env: LibvirtEnv, drivers: list[LibvirtDriver]) -> None:
         self.env = env
         self.drivers = drivers
         self.ids: list[str] = []
@@ -183,7 +112,7 @@ class Guests:
                               **kwargs})
 
     def log(self, vm_id: str) -> Path:
-        return self.env.console / f"novacron-{vm_id}.log"
+        return self.env.console_log(vm_id)
 
     def boot(self, driver: LibvirtDriver, vm_id: str) -> None:
         """Define and start the guest; wait until its heartbeat shows."""
@@ -215,8 +144,8 @@ def drivers(src: LibvirtDriver, dst: LibvirtDriver, src_local: LibvirtDriver,
 
 
 @pytest.fixture
-def guests(env: Env, drivers: list[LibvirtDriver]) -> Iterator[Guests]:
-    made = Guests(env, drivers)
+def guests(libvirt_env: LibvirtEnv, drivers: list[LibvirtDriver]) -> Iterator[Guests]:
+    made = Guests(libvirt_env, drivers)
     yield made
     made.cleanup()
 
@@ -260,7 +189,8 @@ def consecutive(counters: list[int]) -> bool:
     return all(b == a + 1 for a, b in itertools.pairwise(counters))
 
 
-def test_lifecycle_of_a_real_guest(guests: Guests, src: LibvirtDriver, env: Env) -> None:
+def test_lifecycle_of_a_real_guest(guests: Guests, src: LibvirtDriver,
+                                   libvirt_env: LibvirtEnv) -> None:
     vm = guests.new()
     log = guests.log(vm)
     events, unsubscribe = subscribed(src, vm)
@@ -269,7 +199,7 @@ def test_lifecycle_of_a_real_guest(guests: Guests, src: LibvirtDriver, env: Env)
     assert (defined.state, defined.epoch) == (VMState.STOPPED, 1)
     [disk] = src.guest_volumes(vm)
     assert disk.backing is not None
-    assert disk.backing.path == str(env.template)  # a qcow2 overlay on the template
+    assert disk.backing.path == str(libvirt_env.template)  # a qcow2 overlay on the template
 
     assert src.start(vm, epoch=1).state == VMState.RUNNING
     events.wait(VMState.RUNNING, "started")
@@ -307,7 +237,7 @@ def test_lifecycle_of_a_real_guest(guests: Guests, src: LibvirtDriver, env: Env)
     src.undefine(vm, delete_storage=True)
     events.wait(VMState.DELETED, "undefined")
     assert not Path(disk.path).exists()
-    assert env.template.exists()
+    assert libvirt_env.template.exists()
     unsubscribe()
 
 
@@ -479,10 +409,8 @@ def test_cold_migration_moves_the_disk_through_streams(guests: Guests, src_local
 
 
 def test_events_and_guests_survive_a_libvirtd_restart(guests: Guests, src: LibvirtDriver,
-                                                      env: Env) -> None:
-    if not env.system_started:
-        pytest.skip("the system libvirtd was already running before these tests; they only"
-                    " restart a daemon they started")
+                                                      libvirt_env: LibvirtEnv) -> None:
+    libvirt_env.skip_unless_restartable()
     vm = guests.new()
     log = guests.log(vm)
     guests.boot(src, vm)
@@ -500,11 +428,11 @@ def test_events_and_guests_survive_a_libvirtd_restart(guests: Guests, src: Libvi
 
 
 def test_bad_input_is_typed_and_leaves_nothing(guests: Guests, src: LibvirtDriver,
-                                               env: Env) -> None:
+                                               libvirt_env: LibvirtEnv) -> None:
     pool_before = {v.name for v in src.list_volumes()}
     missing_image = guests.new()
     with pytest.raises(NotFound, match="image"):
-        src.define(guests.config(missing_image, image=str(env.template) + ".missing"))
+        src.define(guests.config(missing_image, image=str(libvirt_env.template) + ".missing"))
     missing_kernel = guests.new()
     with pytest.raises(NotFound, match="boot file"):
         src.define(guests.config(missing_kernel, labels={"libvirt.kernel": "/nonexistent"}))
