@@ -31,21 +31,33 @@ changes and checked eagerly near its expiration.
 
 Metrics come from CloudWatch (``AWS/EC2``: CPUUtilization, NetworkIn/Out, Disk* and EBS*
 bytes) over the time since the instance last started.
+
+Cold migration into AWS (IMAGE_IMPORT): :meth:`AwsDriver.import_disk` writes a raw disk image
+(a sim guest's ``disk.img``, a stopped KVM guest's raw volume) into an EBS snapshot with the EBS
+direct APIs, sending only the 512 KiB blocks that changed since the last import of that guest
+(the new snapshot's parent is the previous one), registers it as an AMI and returns the AMI id;
+the guest is then defined with that image and started. ``import_workers`` (8) blocks are sent at
+once.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
 import time
+import uuid
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
-from novacron.drivers.base import GuestStats, register
+from novacron.drivers.base import Capability, GuestStats, register
 from novacron.drivers.cloud import (
     TAG_EPOCH,
     TAG_HOST,
@@ -55,11 +67,13 @@ from novacron.drivers.cloud import (
     Definition,
     Instance,
     InstanceType,
+    check_vm_id,
     expiry_of,
     parse_epoch,
     read_json_file,
     require_str,
     tag_key,
+    write_atomic,
 )
 from novacron.errors import (
     Conflict,
@@ -166,7 +180,10 @@ ERRORS: Mapping[str, type[NovaCronError]] = {
 _VCPU_QUOTA = ("ec2", "L-1216C47A")  # Running On-Demand Standard (A, C, D, H, I, M, R, T, Z)
 _OWN_KEYS = frozenset({"region", "home_region", "subnet_id", "security_group_ids", "key_name",
                        "volume_type", "architecture", "retry_mode", "connect_timeout_s",
-                       "read_timeout_s"})
+                       "read_timeout_s", "import_workers"})
+EBS_BLOCK = 512 * 1024  # the block size of the EBS direct APIs
+_GIB = 1024**3
+_ROOT_DEVICE = "/dev/xvda"
 _ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # CloudWatch metric -> (statistic, GuestStats field); CPU is turned into seconds.
 _METRICS: Mapping[str, tuple[str, str]] = {
@@ -235,8 +252,24 @@ class AwsDriver(CloudDriver):
                                            ("KeyName", c.get("key_name"))) if v}
         self._timeouts = (float(c.get("connect_timeout_s", 10.0)),
                           float(c.get("read_timeout_s", 60.0)))
+        self._import_workers = int(c.get("import_workers", 8))
+        self._imports = self.state_dir / "cloud" / self.name / "imports" / host
         self._clients: dict[str, Any] = {}
         self._account = "unknown"
+
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        """Reboot, and image import (:meth:`import_disk`)."""
+        return frozenset({Capability.REBOOT, Capability.IMAGE_IMPORT})
+
+    def missing_capabilities(self) -> dict[Capability, str]:
+        """The shared reasons; cold migration is one-way."""
+        reasons = super().missing_capabilities()
+        reasons[Capability.COLD_MIGRATION] = (
+            "a disk can be moved into AWS (IMAGE_IMPORT: import_disk, then define and start "
+            "the guest with the returned AMI) but not out of it: the aws driver does not "
+            "export EBS snapshots")
+        return reasons
 
     # -- clients ----------------------------------------------------------------------------
     def _credential_watcher(self) -> CredentialWatcher:
@@ -292,6 +325,7 @@ class AwsDriver(CloudDriver):
                                    region_name=self.home_region),
             "cloudwatch": session.client("cloudwatch", config=config, endpoint_url=url),
             "quotas": session.client("service-quotas", config=config, endpoint_url=url),
+            "ebs": session.client("ebs", config=config, endpoint_url=url),
         }
         for client in clients.values():
             client.meta.events.register("needs-retry", self._count_throttle)
@@ -335,13 +369,14 @@ class AwsDriver(CloudDriver):
         return GuestError(f"{context}: {err}; {'; '.join(r for r in reasons if r)}".rstrip("; "),
                           details={**details, "host": self.host, "provider": "aws"})
 
+    def _waiter_config(self, timeout_s: float | None = None) -> dict[str, float]:
+        return {"Delay": self.settings.poll_interval_s, "MaxAttempts": self.polls(timeout_s)}
+
     def _wait(self, waiter: str, instance_id: str, context: str,
               timeout_s: float | None = None) -> None:
         with self._call(context, instance_id=instance_id):
             self._client("ec2").get_waiter(waiter).wait(
-                InstanceIds=[instance_id],
-                WaiterConfig={"Delay": self.settings.poll_interval_s,
-                              "MaxAttempts": self.polls(timeout_s)})
+                InstanceIds=[instance_id], WaiterConfig=self._waiter_config(timeout_s))
 
     # -- region, catalogue, quota -----------------------------------------------------------
     def _location(self) -> str:
@@ -568,3 +603,107 @@ class AwsDriver(CloudDriver):
                           disk_written_bytes=int(fields["disk_written_bytes"]),
                           net_rx_bytes=int(fields["net_rx_bytes"]),
                           net_tx_bytes=int(fields["net_tx_bytes"]))
+
+    # -- image import -----------------------------------------------------------------------
+    def import_disk(self, vm_id: str, source: Path, *, name: str | None = None) -> str:
+        """Import the raw disk image ``source`` as guest ``vm_id``'s AMI; returns its id.
+
+        Only blocks that differ from the last import of this guest's disk are sent (the first
+        time, every non-zero block). The previous AMI and snapshot are removed once the new AMI
+        is available; a failed import deletes the snapshot it started.
+        """
+        check_vm_id(vm_id)
+        size_gib = max(1, math.ceil(source.stat().st_size / _GIB))
+        digests = _block_digests(source)
+        previous = self._last_import(vm_id, size_gib)
+        before: list[str | None] = previous["digests"] if previous else []
+        changed = [i for i, d in enumerate(digests)
+                   if d != (before[i] if i < len(before) else None)]
+        changed += [i for i in range(len(digests), len(before)) if before[i] is not None]
+        context = f"import the disk of guest {vm_id}"
+        tags = [{"Key": tag_key(TAG_VM_ID), "Value": vm_id},
+                {"Key": tag_key(TAG_HOST), "Value": self.host}]
+        parent = {"ParentSnapshotId": previous["snapshot_id"]} if previous else {}
+        with self._call(context, source=str(source)):
+            snapshot = self._client("ebs").start_snapshot(
+                VolumeSize=size_gib, Tags=tags, Description=name or f"NovaCron guest {vm_id}",
+                ClientToken=str(uuid.uuid4()), Timeout=60, **parent)["SnapshotId"]
+        try:
+            self._send_blocks(source, snapshot, changed, context)
+            with self._call(context, snapshot_id=snapshot):
+                self._client("ebs").complete_snapshot(SnapshotId=snapshot,
+                                                      ChangedBlocksCount=len(changed))
+                self._client("ec2").get_waiter("snapshot_completed").wait(
+                    SnapshotIds=[snapshot], WaiterConfig=self._waiter_config())
+            image = self._register(vm_id, snapshot, context, tags)
+        except NovaCronError:
+            with contextlib.suppress(NovaCronError), self._call(context, snapshot_id=snapshot):
+                self._client("ec2").delete_snapshot(SnapshotId=snapshot)
+            raise
+        write_atomic(self._imports / f"{vm_id}.json", json.dumps({
+            "snapshot_id": snapshot, "image_id": image, "size_gib": size_gib,
+            "digests": digests}))
+        if previous:
+            self._forget_import(previous, context)
+        log.info("imported %s as %s (%d of %d blocks sent) for guest %s", source, image,
+                 len(changed), len(digests), vm_id)
+        return image
+
+    def _last_import(self, vm_id: str, size_gib: int) -> dict[str, Any] | None:
+        """The record of this guest's last import, if its disk had the same size."""
+        try:
+            record: dict[str, Any] = json.loads((self._imports / f"{vm_id}.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return record if record.get("size_gib") == size_gib else None
+
+    def _send_blocks(self, source: Path, snapshot: str, blocks: list[int], context: str) -> None:
+        ebs = self._client("ebs")
+
+        def send(index: int) -> None:
+            with open(source, "rb") as f:
+                f.seek(index * EBS_BLOCK)
+                data = f.read(EBS_BLOCK).ljust(EBS_BLOCK, b"\0")
+            ebs.put_snapshot_block(
+                SnapshotId=snapshot, BlockIndex=index, BlockData=data, DataLength=EBS_BLOCK,
+                Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode(),
+                ChecksumAlgorithm="SHA256")
+
+        with self._call(context, snapshot_id=snapshot), ThreadPoolExecutor(
+                max(1, self._import_workers)) as pool:
+            list(pool.map(send, blocks))
+
+    def _register(self, vm_id: str, snapshot: str, context: str,
+                  tags: list[dict[str, str]]) -> str:
+        with self._call(context, snapshot_id=snapshot):
+            ec2 = self._client("ec2")
+            image = ec2.register_image(
+                Name=f"novacron-{vm_id}-{snapshot}", RootDeviceName=_ROOT_DEVICE,
+                VirtualizationType="hvm", Architecture=self.architecture, EnaSupport=True,
+                BlockDeviceMappings=[{"DeviceName": _ROOT_DEVICE, "Ebs": {
+                    "SnapshotId": snapshot, "DeleteOnTermination": True,
+                    "VolumeType": self.volume_type}}],
+                TagSpecifications=[{"ResourceType": "image", "Tags": tags}])["ImageId"]
+            ec2.get_waiter("image_available").wait(ImageIds=[image],
+                                                  WaiterConfig=self._waiter_config())
+        return str(image)
+
+    def _forget_import(self, previous: Mapping[str, Any], context: str) -> None:
+        """Remove the AMI and snapshot an older import left (running instances keep theirs)."""
+        ec2 = self._client("ec2")
+        with contextlib.suppress(NotFound), self._call(context, image_id=previous["image_id"]):
+            ec2.deregister_image(ImageId=previous["image_id"])
+        with contextlib.suppress(NotFound), self._call(context,
+                                                       snapshot_id=previous["snapshot_id"]):
+            ec2.delete_snapshot(SnapshotId=previous["snapshot_id"])
+
+
+def _block_digests(source: Path) -> list[str | None]:
+    """The SHA-256 of each 512 KiB block of ``source`` (zero-padded), None for all-zero ones."""
+    zero = bytes(EBS_BLOCK)
+    digests: list[str | None] = []
+    with open(source, "rb") as f:
+        while block := f.read(EBS_BLOCK):
+            block = block.ljust(EBS_BLOCK, b"\0")
+            digests.append(None if block == zero else hashlib.sha256(block).hexdigest())
+    return digests

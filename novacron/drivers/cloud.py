@@ -626,7 +626,7 @@ class CloudDriver(Driver):
     """
 
     provider_label: ClassVar[str]  # "AWS", "Azure", "GCP": for messages
-    instance_type_label: ClassVar[str] = "aws.instance_type"  # the guest label that pins a type
+    instance_type_label: ClassVar[str]  # the guest label that pins a type: "aws.instance_type"
 
     def __init__(self, host: str, uri: str | None, config: Mapping[str, Any],
                  state_dir: Path, own_keys: frozenset[str]) -> None:
@@ -683,7 +683,11 @@ class CloudDriver(Driver):
                 return
             self._watcher = self._credential_watcher()
             self._build_clients()
-            self._check_location()
+            try:
+                self._check_location()
+            except BaseException:
+                self._close_clients()
+                raise
             self._connected = True
 
     def close(self) -> None:

@@ -12,7 +12,8 @@ The proxy forwards every request to moto and can, for EC2 query-protocol actions
 * honour RunInstances' ClientToken as EC2 does: a repeated token returns the first response
   (moto ignores the token and would launch a second instance).
 
-It counts the calls per action (:attr:`FaultProxy.calls`). Known moto behaviour: the first EC2
+It counts the calls per action (:attr:`FaultProxy.calls`; a REST call counts as ``"PUT snapshots"``
+and the like). Known moto behaviour: the first EC2
 call of a process takes about a second (the fixture warms it once), instances change state at
 once, DescribeInstances pages count reservations, and CloudWatch holds no EC2 metrics until some
 are put.
@@ -151,12 +152,16 @@ class FaultProxy:
             def do_POST(self) -> None:
                 self._serve()
 
+            def do_PUT(self) -> None:
+                self._serve()
+
             def _serve(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 form = parse_qs(body.decode("latin-1")) if body and b"Action=" in body else {}
                 action = form.get("Action", [""])[0]
                 target = self.headers.get("X-Amz-Target", "")
-                name = action or target.rsplit(".", 1)[-1] or self.path.rsplit("/", 1)[-1]
+                resource = urlsplit(self.path).path.strip("/").split("/")[0]
+                name = action or target.rsplit(".", 1)[-1] or f"{self.command} {resource}"
                 with proxy._lock:
                     proxy.calls[name] += 1
                 key = _ACCESS_KEY.search(self.headers.get("Authorization", ""))

@@ -148,7 +148,7 @@ def instances_of(url: str, vm_id: str) -> list[dict[str, Any]]:
 def test_registered_and_typed_capabilities(env: Env) -> None:
     assert driver_class("aws") is AwsDriver
     drv = env.driver(connect=False)
-    assert drv.capabilities == {Capability.REBOOT}
+    assert drv.capabilities == {Capability.REBOOT, Capability.IMAGE_IMPORT}
     assert "stop it instead" in drv.missing_capabilities()[Capability.PAUSE]
 
 
@@ -431,3 +431,60 @@ def test_host_stats_and_cloudwatch_metrics(env: Env) -> None:
     assert metrics.cpu_time_s > 0
     assert metrics.net_rx_bytes == 1000
     assert metrics.disk_written_bytes == 4096
+
+
+# -- cold migration into AWS: image import ----------------------------------------------------
+
+
+def snapshot_blocks(url: str, snapshot_id: str) -> list[int]:
+    blocks = raw_client(url, service="ebs").list_snapshot_blocks(SnapshotId=snapshot_id)
+    return sorted(b["BlockIndex"] for b in blocks["Blocks"])
+
+
+def imported_snapshot(url: str, image_id: str) -> str:
+    """The snapshot an imported AMI was made of (named in it: moto keeps no mappings)."""
+    [image] = raw_client(url).describe_images(ImageIds=[image_id])["Images"]
+    return "snap-" + str(image["Name"]).rsplit("snap-", 1)[1]
+
+
+def tagged_snapshots(url: str, vm_id: str) -> list[str]:
+    snaps = raw_client(url).describe_snapshots(Filters=[
+        {"Name": f"tag:{tag_key('vm-id')}", "Values": [vm_id]}])["Snapshots"]
+    return [str(s["SnapshotId"]) for s in snaps]
+
+
+def test_import_disk_sends_only_changed_blocks_and_boots(env: Env) -> None:
+    drv, vm_id = env.driver(), vm()
+    assert Capability.IMAGE_IMPORT in drv.capabilities
+    assert "not out of it" in drv.missing_capabilities()[Capability.COLD_MIGRATION]
+    disk = env.tmp / "disk.img"
+    with open(disk, "wb") as f:  # 3 MiB, sparse: six 512 KiB blocks, two with data
+        f.truncate(3 * 1024**2)
+        f.write(b"boot" * 1024)
+        f.seek(2 * 1024**2 + 5)
+        f.write(b"data")
+    first = drv.import_disk(vm_id, disk)
+    snapshot = imported_snapshot(env.proxy.url, first)
+    assert snapshot_blocks(env.proxy.url, snapshot) == [0, 4]
+    assert tagged_snapshots(env.proxy.url, vm_id) == [snapshot]
+    with open(disk, "r+b") as f:
+        f.seek(2 * 1024**2)
+        f.write(b"changed")
+    second = drv.import_disk(vm_id, disk)
+    snapshot2 = imported_snapshot(env.proxy.url, second)
+    assert snapshot_blocks(env.proxy.url, snapshot2) == [4]  # only the changed block
+    assert env.proxy.calls["PUT snapshots"] == 3
+    assert tagged_snapshots(env.proxy.url, vm_id) == [snapshot2]  # the older one removed
+    assert raw_client(env.proxy.url).describe_images(ImageIds=[first])["Images"] == []
+    drv.define(guest(vm_id, image=second))
+    assert drv.start(vm_id, epoch=1).state == VMState.RUNNING
+
+
+def test_failed_import_leaves_no_snapshot(env: Env) -> None:
+    drv, vm_id = env.driver(), vm()
+    disk = env.tmp / "disk.img"
+    disk.write_bytes(b"x" * 1024)
+    env.proxy.fail("RegisterImage", "InvalidParameterValue", "refused by test")
+    with pytest.raises(InvalidRequest, match="refused by test"):
+        drv.import_disk(vm_id, disk)
+    assert tagged_snapshots(env.proxy.url, vm_id) == []
