@@ -435,6 +435,71 @@ def cmd_plan(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if all(i["host"] for i in result) else 1
 
 
+def _size(n: float) -> str:
+    """Bytes for people: ``512 B``, ``3.2 MiB``..."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB"):
+        n /= 1024
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} GiB"
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    """Move a VM to another host with a progress bar, or print the prediction (``--dry-run``)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from novacron.states import MigrationPhase
+
+    nc = _connect(args, settings)
+    policy = {"auto_converge": args.auto_converge, "max_downtime_ms": args.max_downtime_ms,
+              "bandwidth_mib_s": args.bandwidth}
+    if args.dry_run:
+        prediction = nc.migrations.predict(args.ref, to=args.to, mode=args.mode, policy=policy)
+        if args.json:
+            out.print_json(data=prediction)
+        else:
+            out.print(f"[bold]{args.mode} migration of {args.ref} to {args.to}[/] (prediction, "
+                      "nothing moved)")
+            out.print(f"  passes {prediction['passes']}, {_size(prediction['bytes'])} to send, "
+                      f"{prediction['duration_s']:.1f} s, downtime "
+                      f"{prediction['downtime_s'] * 1000:.0f} ms, "
+                      f"{'converges' if prediction['converges'] else 'does NOT converge'}")
+        return 0
+    mig = nc.migrations.start(args.ref, to=args.to, mode=args.mode, policy=policy)
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.percentage:>5.1f}%"), TextColumn("{task.fields[detail]}"),
+               TimeElapsedColumn())
+    deadline = time.monotonic() + args.timeout
+    with Progress(*columns, console=out, disable=args.json) as bar:
+        task = bar.add_task(mig.id, total=100, detail="")
+        while mig.refresh().phase not in (MigrationPhase.COMPLETED, MigrationPhase.ROLLED_BACK,
+                                          MigrationPhase.FAILED):
+            p = mig.record.progress
+            detail = (f"{mig.phase.value} pass {p.iteration} {_size(p.bytes_sent)} sent, "
+                      f"{_size(p.rate)}/s")
+            bar.update(task, completed=p.percent, detail=detail)
+            if time.monotonic() > deadline:
+                raise OperationTimeout(f"migration {mig.id} is still {mig.phase.value} after "
+                                       f"{args.timeout:g} s (it goes on; see its record)")
+            time.sleep(0.2)
+        bar.update(task, completed=mig.record.progress.percent, detail=mig.phase.value)
+    record = mig.record
+    if args.json:
+        out.print_json(data=record.model_dump(mode="json"))
+    else:
+        o = record.outcome
+        out.print(f"[bold]{record.id}[/] {record.mode} {record.source} -> {record.target}: "
+                  f"[{'green' if record.phase == MigrationPhase.COMPLETED else 'red'}]"
+                  f"{record.phase.value}[/]" + (f" ({record.reason})" if record.reason else ""))
+        if record.phase == MigrationPhase.COMPLETED:
+            out.print(f"  total {o.get('total_s', 0):.2f} s, downtime "
+                      f"{o.get('downtime_ms', 0):.0f} ms, {_size(o.get('bytes', 0))} sent, "
+                      f"{record.progress.iteration} pass(es)")
+    return 0 if record.phase == MigrationPhase.COMPLETED else 1
+
+
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     from novacron.errors import NotFound
 
@@ -554,6 +619,18 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--domain", help="failure-domain label (e.g. zone)")
     plan.add_argument("--soft", action="store_true", help="a preference, not a rule")
     plan.set_defaults(func=cmd_plan)
+    migrate = sub.add_parser("migrate", parents=[common], help="move a VM to another host")
+    migrate.add_argument("ref", help="VM id or name")
+    migrate.add_argument("--to", required=True, help="target host")
+    migrate.add_argument("--mode", choices=["cold", "warm", "live"], default="live")
+    migrate.add_argument("--auto-converge", action="store_true",
+                         help="throttle the guest if pre-copy does not converge")
+    migrate.add_argument("--max-downtime-ms", type=int, default=300)
+    migrate.add_argument("--bandwidth", type=float, help="cap in MiB/s")
+    migrate.add_argument("--dry-run", action="store_true",
+                         help="print the cost model's prediction; move nothing")
+    migrate.add_argument("--timeout", type=float, default=600.0)
+    migrate.set_defaults(func=cmd_migrate)
     _auth_parsers(sub, common)
     return parser
 

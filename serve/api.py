@@ -24,7 +24,7 @@ from novacron.access import Caller, visible
 from novacron.auth import Principal, Resource, Verb
 from novacron.auth.authn import SESSION_COOKIE
 from novacron.errors import InvalidRequest, NotFound
-from novacron.model import VM, Host, HostCreate, VMCreate
+from novacron.model import VM, Host, HostCreate, Migration, MigrationCreate, VMCreate
 from novacron.secured import no_host, no_vm
 from novacron.states import HostState, VMState
 from serve import errors, metrics
@@ -320,6 +320,37 @@ def build_app() -> FastAPI:
     async def plan(request: Request, caller: CallerDep, body: PlanBody) -> dict[str, Any]:
         """Where these VMs would go (a dry run: nothing is created), and why."""
         return _items(await backend_of(request).call("plan", caller, body.vms))
+
+    # -- migrations -------------------------------------------------------------------------
+    @api.get(f"{API}/migrations", tags=["migrations"])
+    async def list_migrations(request: Request, caller: CallerDep) -> dict[str, Any]:
+        return _items(await backend_of(request).call("list_migrations", caller))
+
+    @api.post(f"{API}/migrations", status_code=202, tags=["migrations"])
+    async def create_migration(request: Request, caller: CallerDep,
+                               body: MigrationCreate) -> Migration:
+        """Start moving a VM to another host; with ``dry_run`` only the cost model's
+        prediction (in ``prediction``) is returned and nothing moves."""
+        migration: Migration = await backend_of(request).call("create_migration", caller, body)
+        return migration
+
+    @api.get(f"{API}/migrations/{{migration_id}}", tags=["migrations"])
+    async def get_migration(request: Request, caller: CallerDep,
+                            migration_id: str) -> Migration:
+        migration: Migration = await backend_of(request).call("get_migration", caller,
+                                                              migration_id)
+        return migration
+
+    @api.post(f"{API}/migrations/{{migration_id}}/{{action}}", status_code=202,
+              tags=["migrations"])
+    async def migration_action(request: Request, caller: CallerDep, migration_id: str,
+                               action: str) -> Migration:
+        if action not in ("cancel", "force-complete"):
+            raise NotFound(f"no migration action {action!r}; use cancel or force-complete",
+                           details={"action": action})
+        migration: Migration = await backend_of(request).call("migration_action", caller,
+                                                              migration_id, action)
+        return migration
 
     # -- events -----------------------------------------------------------------------------
     @api.get(f"{API}/events", tags=["events"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ from fastapi.testclient import TestClient
 from novacron.access import Caller
 from novacron.auth import AuthServices
 from novacron.controlplane import ControlPlane
+from novacron.errors import InvalidTransition, NotSupported
 from novacron.localfleet import LocalFleet
-from novacron.model import HostCreate, VMCreate
+from novacron.model import HostCreate, MigrationCreate, VMCreate
 from novacron.secured import SecuredPlane
 from novacron.store import Store
 from serve.api import build_app
@@ -154,7 +156,32 @@ def _fresh_tenant(w: World, t: str) -> tuple[str, Any]:
     return f"{A}/tenants/{name}", None
 
 
+def _fresh_migration(w: World, t: str) -> str:
+    """A migration of tenant T's VM to a second host of T. The in-process fleet cannot run
+    migrations, so the record ends ``failed`` at once; it is still an object of T."""
+    target = w.host(t)
+    req = MigrationCreate(vm=w.vms[t], target_host=target, mode="cold")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            w.secured.create_migration(w.admin, req)
+        except NotSupported:
+            return next(m.id for m in w.plane.list_migrations(tenant=t) if m.target == target)
+        except InvalidTransition:  # the VM is settling after the previous failed migration
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
 CASES: dict[tuple[str, str], Case] = {
+    ("GET", f"{A}/migrations"): Case("migrations", "read", "list", lambda w, t: (
+        f"{A}/migrations", None)),
+    ("POST", f"{A}/migrations"): Case("migrations", "create", "object", lambda w, t: (
+        f"{A}/migrations", {"vm": w.vms[t], "target_host": w.hosts[t], "mode": "cold"})),
+    ("GET", f"{A}/migrations/{{migration_id}}"): Case("migrations", "read", "object", lambda w, t: (
+        f"{A}/migrations/{_fresh_migration(w, t)}", None)),
+    ("POST", f"{A}/migrations/{{migration_id}}/{{action}}"): Case(
+        "migrations", "act", "object", lambda w, t: (
+            f"{A}/migrations/{_fresh_migration(w, t)}/cancel", None)),
     ("GET", "/metrics"): Case("metrics", "read", "cluster", lambda w, t: ("/metrics", None)),
     ("GET", f"{A}/whoami"): Case("", "", "any", lambda w, t: (f"{A}/whoami", None)),
     ("GET", f"{A}/hosts"): Case("hosts", "read", "list", lambda w, t: (f"{A}/hosts", None)),
