@@ -6,7 +6,8 @@ requires ``api-version`` and a bearer token, pages lists with a ``nextLink`` tha
 ``api-version``, runs PUT/PATCH/DELETE and the power actions as long-running operations polled at
 ``Azure-AsyncOperation`` (with a ``Location`` too), answers errors as
 ``{"error": {"code", "message"}}`` with an ``x-ms-request-id``, honours ``If-Match`` /
-``If-None-Match: *``, and moves VMs through provisioning and power states.
+``If-None-Match: *``, moves VMs through provisioning and power states, and serves Azure
+Monitor metrics of a VM (the values a test puts in ``metrics``).
 
 Test controls: :meth:`ArmFake.throttle` (429 TooManyRequests with Retry-After for the next N
 calls), :meth:`ArmFake.fail` (the next call of a route answers an error, or with ``late=True``
@@ -40,6 +41,7 @@ VM_SIZES = [  # name, cores, memory MiB (a slice of the real catalogue)
     ("Standard_F4s_v2", 4, 8192), ("Standard_D16s_v5", 16, 65536),
 ]
 _PROVIDER = "providers/Microsoft.Compute"
+_GRAINS = {"PT1M", "PT5M", "PT15M", "PT30M", "PT1H", "PT6H", "PT12H", "P1D"}
 _ACTIONS = {  # POST action -> (power state while it runs, when done)
     "start": ("starting", "running"), "powerOff": ("stopping", "stopped"),
     "deallocate": ("deallocating", "deallocated"), "restart": ("running", "running"),
@@ -114,6 +116,7 @@ class ArmFake:
         self.calls: Counter[str] = Counter()
         self.vms: dict[tuple[str, str], dict[str, Any]] = {}  # (group, name) -> VM
         self.deleted: dict[tuple[str, str], dict[str, Any]] = {}  # as they were when deleted
+        self.metrics: dict[tuple[str, str], dict[str, float]] = {}  # Azure Monitor, per VM
         self._ops: dict[str, _Operation] = {}
         self._creating: dict[tuple[str, str], Callable[[], None]] = {}
         self._faults: list[_Fault] = []
@@ -268,6 +271,9 @@ class ArmFake:
                 raise ArmError(400, "InvalidParameter", "this fake lists all VMs statusOnly")
             return "listAll", 200, self._page([self._view(v, True) for _, v in
                                                sorted(self.vms.items())], path, query), {}
+        if m := re.fullmatch(rf"resourceGroups/([^/]+)/{_PROVIDER}/virtualMachines/([^/]+)/"
+                             r"providers/Microsoft\.Insights/metrics", rest):
+            return "metrics", 200, self._metrics(m[1], m[2], query), {}
         m = re.fullmatch(rf"resourceGroups/([^/]+)/{_PROVIDER}/virtualMachines(?:/([^/]+))?"
                          r"(?:/(\w+))?", rest)
         if m is None:
@@ -308,6 +314,17 @@ class ArmFake:
 
             return "delete", 202, {}, self._operation(vm["location"], remove, late)
         raise ArmError(405, "MethodNotAllowed", f"{method} is not allowed on {path}")
+
+    def _metrics(self, group: str, name: str, query: dict[str, str]) -> dict[str, Any]:
+        """Azure Monitor's answer: one point per metric holding the value put in ``metrics``."""
+        self._get_vm(group, name)
+        if query.get("interval") not in _GRAINS or "/" not in query.get("timespan", ""):
+            raise ArmError(400, "BadRequest", "interval and timespan are required")
+        values = self.metrics.get((group, name), {})
+        return {"timespan": query["timespan"], "interval": query["interval"], "value": [
+            {"name": {"value": metric}, "unit": "Unspecified", "timeseries": [{"data": [
+                {"timeStamp": _now(), "average": values[metric], "total": values[metric]}]}]}
+            for metric in query.get("metricnames", "").split(",") if metric in values]}
 
     def _location(self, location: str) -> None:
         if location not in self.locations:

@@ -1,5 +1,6 @@
 """A local fake of the Compute Engine REST API (``/compute/v1``), as google-cloud-compute's REST
-transport uses it: zones, regions (quotas), machine types, instances, zonal operations.
+transport uses it: zones, regions (quotas), machine types, instances, zonal operations; and of
+Cloud Monitoring's ``timeSeries.list`` (``/v3``) serving the values a test puts in ``metrics``.
 
 It behaves like GCE for what the GCP driver uses: list pages (``maxResults``/``pageToken`` ->
 ``nextPageToken``), label filters (``labels.k = "v" AND ...``), long-running zonal operations
@@ -83,6 +84,7 @@ class GceFake:
         self.tokens: set[str] | None = None
         self.calls: Counter[str] = Counter()
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> instance
+        self.metrics: dict[str, dict[str, float]] = {}  # Cloud Monitoring, per instance name
         self._ops: dict[str, _Operation] = {}
         self._request_ids: dict[str, str] = {}
         self._faults: list[_Fault] = []
@@ -207,6 +209,8 @@ class GceFake:
     def route(self, method: str, path: str, query: dict[str, str],
               body: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         """Serve one call; returns (route name, JSON answer) or raises GceError."""
+        if path == f"/v3/projects/{self.project}/timeSeries" and method == "GET":
+            return "timeSeries.list", self._time_series(query)
         prefix = f"/compute/v1/projects/{self.project}/"
         if not path.startswith(prefix):
             raise GceError(404, "notFound", f"The resource '{path}' was not found")
@@ -250,6 +254,21 @@ class GceFake:
                 if action in _TRANSITIONS:
                     return action, self._act(zone, rest[1], action, query)
         raise GceError(400, "badRequest", f"{method} {path} is not supported by the fake")
+
+    def _time_series(self, query: dict[str, str]) -> dict[str, Any]:
+        """Cloud Monitoring's timeSeries.list: one point per metric put in ``metrics``."""
+        filter_ = query.get("filter", "")
+        name = re.search(r'metric\.labels\.instance_name = "([^"]+)"', filter_)
+        if name is None or "interval.endTime" not in query:
+            raise GceError(400, "badRequest", "filter on instance_name and an interval needed")
+        wanted = set(re.findall(r'"(compute\.googleapis\.com/[^"]+)"', filter_))
+        series = [{"metric": {"type": metric, "labels": {"instance_name": name[1]}},
+                   "resource": {"type": "gce_instance"}, "metricKind": "DELTA",
+                   "points": [{"interval": {"endTime": query["interval.endTime"]},
+                               "value": {"doubleValue": value} if metric.endswith("usage_time")
+                               else {"int64Value": str(int(value))}}]}
+                  for metric, value in self.metrics.get(name[1], {}).items() if metric in wanted]
+        return {"timeSeries": series} if series else {}
 
     def _region(self, region: str) -> dict[str, Any]:
         if not any(z.startswith(region + "-") for z in self.zones):

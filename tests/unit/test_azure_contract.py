@@ -342,3 +342,19 @@ def test_bad_token_then_rotation(env: Env) -> None:
     write_token(env.token, "rotated-token")
     assert drv.list() == []
     assert drv.health.snapshot()["provider_credentials_valid"] == 1.0
+
+
+def test_host_stats_and_azure_monitor_metrics(env: Env) -> None:
+    drv, vm_id = env.driver(), vm()
+    drv.define(guest(vm_id, labels={"azure.vm_size": "Standard_D2s_v5"}))
+    drv.start(vm_id, epoch=1)
+    stats = drv.host_stats()
+    assert (stats.guests, stats.memory_used_mib) == (1, 8192)
+    assert stats.cpu_load == pytest.approx(2 / 64)
+    assert drv.stats(vm_id).cpu_time_s == 0  # Azure Monitor has nothing yet
+    env.fake.metrics[(GROUP, instance_name(vm_id))] = {
+        "Percentage CPU": 50.0, "Network In Total": 1000.0, "Disk Write Bytes": 4096.0}
+    metrics = drv.stats(vm_id)
+    assert metrics.cpu_time_s == pytest.approx(0.5 * 60 * 2)  # one minute at 50 % of 2 vCPUs
+    assert (metrics.net_rx_bytes, metrics.disk_written_bytes) == (1000, 4096)
+    assert env.fake.calls["metrics"] == 2

@@ -306,3 +306,18 @@ def test_rotated_and_expired_tokens_are_re_read(env: Env) -> None:
         drv.list()
     write_token(token, "third")
     assert drv.list() == []
+
+
+def test_host_stats_and_cloud_monitoring_metrics(env: Env) -> None:
+    drv, vm_id = env.driver(), vm()
+    drv.define(guest(vm_id, labels={"gcp.machine_type": "n2-standard-4"}))
+    drv.start(vm_id, epoch=1)
+    stats = drv.host_stats()
+    assert (stats.guests, stats.memory_used_mib, stats.extra["vcpus_in_use"]) == (1, 16384, 4)
+    assert drv.stats(vm_id).cpu_time_s == 0
+    env.fake.metrics[instance_name(vm_id)] = {
+        "compute.googleapis.com/instance/cpu/usage_time": 12.5,
+        "compute.googleapis.com/instance/network/sent_bytes_count": 2048}
+    env.fake.throttle(1)  # absorbed by the same api-core retry
+    metrics = drv.stats(vm_id)
+    assert (metrics.cpu_time_s, metrics.net_tx_bytes) == (12.5, 2048)
