@@ -116,8 +116,10 @@ class ClusterController:
 
     def migration_end(self, migration_id: str, phase: str, reason: str | None,
                       outcome: dict[str, Any]) -> None:
+        """The migration's actor ends it; the actor is then let go."""
         self.plane.end_migration(migration_id, MigrationPhase(phase), reason=reason,
                                  outcome=outcome)
+        self.fleet.forget_migration(migration_id)
 
     # -- shutdown -------------------------------------------------------------------------------
     def shutdown(self, stop_guests: bool = False) -> dict[str, int]:

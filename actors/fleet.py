@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -156,6 +157,18 @@ class RayFleet:
                                          self._node_of(source))
         self._migration_actor_cls.options(**opts).remote(migration_id, self.namespace,
                                                          self.state_dir)
+
+    def forget_migration(self, migration_id: str) -> None:
+        """Kill a finished migration's actor, a second later: after the call that ended it has
+        returned and its run has logged the end."""
+        threading.Timer(1.0, self._kill_migration_actor, args=(migration_id,)).start()
+
+    def _kill_migration_actor(self, migration_id: str) -> None:
+        try:
+            actor = ray.get_actor(names.migration_actor(migration_id), namespace=self.namespace)
+        except ValueError:
+            return
+        ray.kill(actor, no_restart=True)
 
     def shutdown(self, vm_ids: list[str], hosts: list[str], *, stop_guests: bool) -> int:
         """Kill every agent actor; guests keep running unless ``stop_guests``. Returns guests

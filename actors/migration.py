@@ -100,6 +100,8 @@ class _Run:
                        if self.m.policy.bandwidth_mib_s else None)
         self.started = time.monotonic()
         self.deadline = self.started + rules.completion_timeout_s(self.vm)
+        if self.m.started_at is not None:  # a restarted run keeps the first run's deadline
+            self.deadline -= max(0.0, time.time() - self.m.started_at)
         self.last_progress = self.started
         self.last_poll = 0.0
         self.disk_bytes = 0
@@ -180,6 +182,8 @@ class _Run:
     def _prepare(self) -> None:
         while not self._call("migration_admit", self.id):
             time.sleep(_POLL_S)  # queued behind the cluster's or the source's limit
+            self.deadline += _POLL_S  # the clocks start once it runs
+            self.last_progress = time.monotonic()
             self._save()
             self._poll()
         self._save()

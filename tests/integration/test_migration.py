@@ -66,6 +66,7 @@ def test_live_migration_moves_memory_and_disk_byte_for_byte(running: Running) ->
     assert record.host == "h2"
     assert record.epoch == 2
     assert guest_hosts(state, vm.id) == {"h2"}
+    eventually(lambda: _gone(running, f"mig:{mig.id}"), 10, what="migration actor gone")
     assert nc.hosts.get("h1").allocated.memory_mib == 0
     assert nc.hosts.get("h2").allocated.memory_mib == 128
     # the guest really runs on the target: it keeps dirtying the memory it was given
@@ -105,6 +106,24 @@ def test_memory_equal_after_switchover(running: Running) -> None:
     shm = running.settings.state_dir / "shm" / "h2" / f"{vm.id}.mem"
     # the guest ran on between switchover and pause, but with no workload it wrote nothing
     assert memory_digest(shm) == mig.record.outcome["memory_digest"]
+
+
+def _gone(running: Running, actor: str) -> bool:
+    try:
+        running.actor(actor)
+    except ValueError:
+        return True
+    return False
+
+
+def test_force_complete_ends_a_migration_that_does_not_converge(running: Running) -> None:
+    vm = make_vm(running, "busy", dirty=60.0, memory_mib=64)
+    mig = running.nc.migrations.start("busy", to="h2",
+                                      policy={"bandwidth_mib_s": 30, "max_downtime_ms": 1})
+    _wait_phase(mig, MigrationPhase.PRECOPY)
+    assert mig.force_complete().wait(timeout=60).phase == MigrationPhase.COMPLETED
+    assert vm.wait_for("running", timeout=30).record.host == "h2"
+    assert guest_hosts(running.settings.state_dir, vm.id) == {"h2"}
 
 
 def _wait_phase(mig: object, phase: MigrationPhase, timeout: float = 30) -> None:
