@@ -213,11 +213,26 @@ class HostAgent:
             return self._stats
 
     def beat(self) -> None:
-        """Take one sample and send it."""
+        """Take one sample (with each running guest's counters where they are cheap to read)
+        and send it."""
         stats = self.sample()
         now = time.time()
-        guests = [{**asdict(g), "state": g.state.value, "time": now} for g in self.driver.list()]
+        listed = self.driver.list()
+        guests = [{**asdict(g), "state": g.state.value, "time": now} for g in listed]
+        if self.driver.stats_in_heartbeat:
+            stats = {**stats, "guests": self._guest_stats(listed)}
         self.reporter.heartbeat(self.host, stats, guests)
+
+    def _guest_stats(self, guests: list[GuestInfo]) -> dict[str, dict[str, Any]]:
+        counters: dict[str, dict[str, Any]] = {}
+        for guest in guests:
+            if guest.state not in (VMState.RUNNING, VMState.PAUSED):
+                continue
+            try:
+                counters[guest.vm_id] = asdict(self.driver.stats(guest.vm_id))
+            except NovaCronError as exc:  # it stopped meanwhile, or its driver hiccuped
+                log.debug("host %s: no stats for %s: %s", self.host, guest.vm_id, exc.message)
+        return counters
 
     def watch(self) -> bool:
         """Send each guest change as the driver pushes it (idempotent); False when the driver

@@ -18,6 +18,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from novacron.store import Store
 
+# Per-guest counters a host's heartbeat carries (GuestStats fields): field, metric, help.
+_GUEST_COUNTERS = (
+    ("cpu_time_s", "cpu_seconds", "CPU time the guest has used since it started"),
+    ("memory_touched_bytes", "memory_touched_bytes", "Guest memory in use"),
+    ("disk_read_bytes", "disk_read_bytes", "Bytes the guest has read from its disks"),
+    ("disk_written_bytes", "disk_written_bytes", "Bytes the guest has written to its disks"),
+    ("net_rx_bytes", "net_rx_bytes", "Bytes the guest has received"),
+    ("net_tx_bytes", "net_tx_bytes", "Bytes the guest has sent"),
+)
 REGISTRY = CollectorRegistry()
 REQUESTS = Counter("novacron_api_requests", "API requests served",
                    ["method", "route", "status"], registry=REGISTRY)
@@ -70,6 +79,8 @@ def render(store: Store, host_stats: dict[str, dict[str, Any]]) -> Response:
                      registry=fleet)
     memory_used = Gauge("novacron_host_memory_used_mib", "Measured memory in use", ["host"],
                         registry=fleet)
+    guest = {field: Gauge(f"novacron_vm_{name}", help_text, ["vm", "host"], registry=fleet)
+             for field, name, help_text in _GUEST_COUNTERS}
     for state in ("pending", "stopped", "starting", "running", "paused", "stopping",
                   "migrating", "error", "unknown", "deleting"):
         vms.labels(state).set(store.count("vm", where={"state": state}))
@@ -87,5 +98,8 @@ def render(store: Store, host_stats: dict[str, dict[str, Any]]) -> Response:
         if stats:
             cpu_load.labels(name).set(stats.get("cpu_load", 0.0))
             memory_used.labels(name).set(stats.get("memory_used_mib", 0))
+            for vm_id, counters in stats.get("guests", {}).items():
+                for field, gauge in guest.items():
+                    gauge.labels(vm_id, name).set(counters.get(field, 0))
     body = generate_latest(REGISTRY) + generate_latest(fleet)
     return Response(content=body, media_type=CONTENT_TYPE_LATEST)

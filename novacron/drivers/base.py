@@ -120,6 +120,9 @@ class Driver(ABC):
     """Manages the guests of one host. Subclasses register themselves with :func:`register`."""
 
     name: ClassVar[str]
+    # Whether per-guest counters are cheap enough to read on every heartbeat (a local
+    # hypervisor); cloud drivers read theirs from the provider's monitoring service instead.
+    stats_in_heartbeat: ClassVar[bool] = False
 
     def __init__(self, host: str, uri: str | None, config: Mapping[str, Any],
                  state_dir: Path) -> None:

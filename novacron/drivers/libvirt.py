@@ -476,6 +476,7 @@ class LibvirtDriver(Driver):
     """A libvirt host. See the module docstring for URIs and config keys."""
 
     name: ClassVar[str] = "libvirt"
+    stats_in_heartbeat = True
 
     def __init__(self, host: str, uri: str | None, config: Mapping[str, Any],
                  state_dir: Path) -> None:

@@ -224,6 +224,7 @@ class SimDriver(Driver):
     """Guests as local OS processes with shared-memory RAM (see the module docstring)."""
 
     name: ClassVar[str] = "sim"
+    stats_in_heartbeat = True
 
     def __init__(self, host: str, uri: str | None, config: Mapping[str, Any],
                  state_dir: Path) -> None:

@@ -108,6 +108,23 @@ def test_lists_filter_sort_and_page(api: tuple[TestClient, ControlPlane]) -> Non
     assert client.get(f"{API}/hosts/h1").json()["allocated"]["cpus"] == 4
 
 
+def test_guest_counters_reach_prometheus(api: tuple[TestClient, ControlPlane]) -> None:
+    client, _ = api
+    vm = client.post(f"{API}/vms", json={"name": "busy", "cpus": 1, "memory_mib": 64,
+                                         "workload": {"cpu_busy": 0.5}}).json()
+    wait_state(client, vm["id"], "running")
+    deadline = time.monotonic() + 15
+    while True:
+        lines = [line for line in client.get("/metrics").text.splitlines()
+                 if line.startswith("novacron_vm_cpu_seconds{") and vm["id"] in line]
+        if lines and float(lines[0].rsplit(" ", 1)[1]) > 0:
+            break
+        assert time.monotonic() < deadline, "no CPU time reported for the busy guest"
+        time.sleep(0.2)
+    assert f'novacron_vm_memory_touched_bytes{{host="{vm["host"]}",vm="{vm["id"]}"}}' in \
+        client.get("/metrics").text
+
+
 def test_health_metrics_and_docs(api: tuple[TestClient, ControlPlane]) -> None:
     client, _ = api
     assert client.get("/healthz").json() == {"status": "ok"}
