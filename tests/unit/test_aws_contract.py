@@ -290,7 +290,7 @@ def test_create_that_times_out_is_retried_into_one_instance(env: Env) -> None:
     drv.define(guest(vm_id))
     env.proxy.delay("RunInstances", 1.5)  # moto launches it, the answer comes too late
     assert drv.start(vm_id, epoch=1).state == VMState.RUNNING
-    assert env.proxy.calls["RunInstances"] == 2  # botocore retried with the same ClientToken
+    assert env.proxy.calls["RunInstances"] >= 2  # botocore retried with the same ClientToken
     assert len(instances_of(env.proxy.url, vm_id)) == 1
 
 
@@ -300,7 +300,8 @@ def test_start_that_gives_up_is_reattached_by_the_next_start(env: Env) -> None:
     env.proxy.delay("RunInstances", 0.8, count=2)
     with pytest.raises(OperationTimeout):
         drv.start(vm_id, epoch=1)
-    assert drv.start(vm_id, epoch=1).state == VMState.RUNNING
+    restarted = env.driver(drv.host)  # the actor, restarted, tries again
+    assert restarted.start(vm_id, epoch=1).state == VMState.RUNNING
     assert len(instances_of(env.proxy.url, vm_id)) == 1
 
 

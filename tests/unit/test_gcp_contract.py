@@ -231,7 +231,7 @@ def test_create_that_times_out_is_retried_into_one_instance(env: Env) -> None:
     drv.define(guest(vm_id))
     env.fake.delay("insert", 1.2)  # GCE inserts it, the answer comes too late
     assert drv.start(vm_id, epoch=1).state == VMState.RUNNING
-    assert env.fake.calls["insert"] == 2  # retried with the same requestId
+    assert env.fake.calls["insert"] >= 2  # retried with the same requestId
     assert sum(1 for (_, n) in env.fake.instances if n == instance_name(vm_id)) == 1
 
 
