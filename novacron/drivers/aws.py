@@ -250,12 +250,18 @@ class AwsDriver(CloudDriver):
         self._launch = {k: v for k, v in (("SubnetId", c.get("subnet_id")),
                                            ("SecurityGroupIds", c.get("security_group_ids")),
                                            ("KeyName", c.get("key_name"))) if v}
-        self._timeouts = (float(c.get("connect_timeout_s", 10.0)),
-                          float(c.get("read_timeout_s", 60.0)))
-        self._import_workers = int(c.get("import_workers", 8))
+        if self.settings.credentials.source == "anonymous":
+            raise InvalidRequest("aws credentials come from 'default', 'env', 'profile' or "
+                                 "'file'", details={"driver": self.name})
+        try:
+            self._timeouts = (float(c.get("connect_timeout_s", 10.0)),
+                              float(c.get("read_timeout_s", 60.0)))
+            self._import_workers = max(1, int(c.get("import_workers", 8)))
+        except (TypeError, ValueError) as exc:
+            raise InvalidRequest(f"bad aws host config: {exc}",
+                                 details={"driver": self.name}) from None
         self._imports = self.state_dir / "cloud" / self.name / "imports" / host
         self._clients: dict[str, Any] = {}
-        self._account = "unknown"
 
     @property
     def capabilities(self) -> frozenset[Capability]:
@@ -670,7 +676,7 @@ class AwsDriver(CloudDriver):
                 ChecksumAlgorithm="SHA256")
 
         with self._call(context, snapshot_id=snapshot), ThreadPoolExecutor(
-                max(1, self._import_workers)) as pool:
+                self._import_workers) as pool:
             list(pool.map(send, blocks))
 
     def _register(self, vm_id: str, snapshot: str, context: str,

@@ -158,6 +158,8 @@ def test_registered_and_typed_capabilities(env: Env) -> None:
     ({"credentials": {"source": "file"}}, "path"),
     ({"credentials": {"source": "vault"}}, "source"),
     ({"credentials": {"source": "anonymous"}, "endpoint_url": None}, "local"),
+    ({"credentials": {"source": "anonymous"}}, "aws credentials come from"),
+    ({"read_timeout_s": "long"}, "bad aws host config"),
     ({"retry_mode": "legacy"}, "retry_mode"),
     ({"regoin": "eu-west-1"}, "unknown"),
     ({"capacity": {"cpus": 0}}, "positive"),
