@@ -454,7 +454,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     nc = _connect(args, settings)
     policy = {"auto_converge": args.auto_converge, "max_downtime_ms": args.max_downtime_ms,
-              "bandwidth_mib_s": args.bandwidth}
+              "bandwidth_mib_s": args.bandwidth, "verify": args.verify}
     if args.dry_run:
         prediction = nc.migrations.predict(args.ref, to=args.to, mode=args.mode, policy=policy)
         if args.json:
@@ -627,6 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="throttle the guest if pre-copy does not converge")
     migrate.add_argument("--max-downtime-ms", type=int, default=300)
     migrate.add_argument("--bandwidth", type=float, help="cap in MiB/s")
+    migrate.add_argument("--verify", action="store_true",
+                         help="compare memory digests during the pause (longer downtime)")
     migrate.add_argument("--dry-run", action="store_true",
                          help="print the cost model's prediction; move nothing")
     migrate.add_argument("--timeout", type=float, default=600.0)

@@ -48,9 +48,6 @@ def check_supported(mode: str, policy: MigrationPolicy, drivers: Iterable[str]) 
         if capability not in _sim_capabilities():
             raise NotSupported(f"the {name} driver cannot do {capability.value}",
                                details={"driver": name, "capability": capability.value})
-    if mode == "warm":
-        raise NotSupported("warm migration is not implemented yet; use cold or live",
-                           details={"mode": mode})
     unsupported = [k for k in ("post_copy", "compress", "xbzrle") if getattr(policy, k)]
     if unsupported:
         raise NotSupported(f"policy option(s) {', '.join(unsupported)} are not implemented: sim "

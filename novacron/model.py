@@ -210,6 +210,7 @@ class MigrationPolicy(_Strict):
     max_downtime_ms: int = Field(default=300, ge=1, le=600_000)
     compress: bool = False
     xbzrle: bool = False
+    verify: bool = False  # compare memory digests while paused (a longer downtime)
 
 
 class MigrationCreate(_Strict):

@@ -130,8 +130,8 @@ def check_vm_action(action: str, current: VMState) -> PowerState:
 
 
 class MigrationPhase(StrEnum):
-    """Phase of a migration. A cold one goes preparing, syncing-disk, switchover; a live one
-    adds precopy and stop-and-copy before its switchover."""
+    """Phase of a migration. A cold one goes preparing, syncing-disk, switchover; a warm one
+    stops the guest only in stop-and-copy; a live one pre-copies its memory before that."""
 
     PENDING = "pending"  # accepted; queued while the cluster or its source is at its limit
     PREPARING = "preparing"  # target capacity reserved, guest defined on the target
@@ -150,7 +150,7 @@ _ROLLBACK = frozenset({_M.CANCELLING, _M.FAILED})
 MIGRATION_TRANSITIONS: dict[MigrationPhase, frozenset[MigrationPhase]] = {
     _M.PENDING: frozenset({_M.PREPARING}) | _ROLLBACK,
     _M.PREPARING: frozenset({_M.SYNCING_DISK}) | _ROLLBACK,
-    _M.SYNCING_DISK: frozenset({_M.PRECOPY, _M.SWITCHOVER}) | _ROLLBACK,
+    _M.SYNCING_DISK: frozenset({_M.PRECOPY, _M.STOP_AND_COPY, _M.SWITCHOVER}) | _ROLLBACK,
     _M.PRECOPY: frozenset({_M.STOP_AND_COPY}) | _ROLLBACK,
     _M.STOP_AND_COPY: frozenset({_M.SWITCHOVER}) | _ROLLBACK,
     _M.SWITCHOVER: frozenset({_M.COMPLETED, _M.FAILED}),  # past the point of no return

@@ -48,7 +48,8 @@ def test_live_migration_moves_memory_and_disk_byte_for_byte(running: Running) ->
     assert prediction["converges"]
     assert prediction["bytes"] > 0
     mig = nc.migrations.start("live", to="h2", mode="live",
-                              policy={"max_downtime_ms": 300, "bandwidth_mib_s": 200})
+                              policy={"max_downtime_ms": 300, "bandwidth_mib_s": 200,
+                                      "verify": True})
     assert mig.id.startswith("mig-")
     assert nc.hosts.get("h2").allocated.memory_mib == 128  # reserved on the target
     percents = []
@@ -75,7 +76,7 @@ def test_live_migration_moves_memory_and_disk_byte_for_byte(running: Running) ->
     assert guest_hosts(state, vm.id) == {"h2"}
 
 
-def test_cold_migration_with_equal_digests(running: Running) -> None:
+def test_cold_and_warm_migrations_with_equal_digests(running: Running) -> None:
     nc, state = running.nc, running.settings.state_dir
     vm = make_vm(running, "cold", disk_write=4.0)
     time.sleep(0.5)
@@ -87,20 +88,21 @@ def test_cold_migration_with_equal_digests(running: Running) -> None:
     disk = state / "sim" / "h2" / vm.id / "disk.img"
     assert file_image_digest(disk).hex() == source_digest == mig.record.checkpoint["disk_digest"]
     assert not (state / "sim" / "h1" / vm.id).exists()  # the source is cleaned
-    # and a running guest, back to h1: stopped there, started here
+    # warm, back to h1: its disk synced while it runs, then stopped there and started here
     vm.start().wait_for("running", timeout=30)
-    back = nc.migrations.start("cold", to="h1", mode="cold").wait(timeout=60)
+    back = nc.migrations.start("cold", to="h1", mode="warm").wait(timeout=60)
     assert back.phase == MigrationPhase.COMPLETED, back.record.reason
     assert vm.wait_for("running", timeout=30).record.host == "h1"
     assert vm.record.epoch == 3
     assert guest_hosts(state, vm.id) == {"h1"}
     assert back.record.outcome["downtime_ms"] > 0
+    assert back.record.outcome["disk_bytes_sent"] > 0
 
 
 def test_memory_equal_after_switchover(running: Running) -> None:
     """A guest that stops writing: the target's memory is the source's, byte for byte."""
     vm = make_vm(running, "still", memory_mib=64)
-    mig = running.nc.migrations.start("still", to="h2").wait(timeout=60)
+    mig = running.nc.migrations.start("still", to="h2", policy={"verify": True}).wait(timeout=60)
     assert mig.phase == MigrationPhase.COMPLETED, mig.record.reason
     vm.pause().wait_for("paused", timeout=30)
     shm = running.settings.state_dir / "shm" / "h2" / f"{vm.id}.mem"
@@ -176,8 +178,8 @@ def test_refusals_and_limits(running: Running) -> None:
         nc.migrations.start("r1", to="h9")
     with pytest.raises(InvalidRequest, match="already on h1"):
         nc.migrations.start("r1", to="h1")
-    with pytest.raises(NotSupported, match="warm"):
-        nc.migrations.start("r1", to="h2", mode="warm")
+    with pytest.raises(NotSupported, match="compress"):
+        nc.migrations.start("r1", to="h2", policy={"compress": True})
     with pytest.raises(NotSupported, match="post_copy"):
         nc.migrations.start("r1", to="h2", policy={"post_copy": True})
     big = nc.vms.create("big", cpus=1, memory_mib=3900, host="h1", start=False)
