@@ -67,16 +67,11 @@ class MigrationActor:
         self.migration_id = migration_id
         self.state_dir = state_dir
         self.controller = ray.get_actor(names.CONTROLLER, namespace=namespace)
-        self._thread = threading.Thread(target=self._main, name="migration", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._main, name="migration", daemon=True).start()
 
     def pid(self) -> int:
         """This actor's process id (tests use it to see a restart)."""
         return os.getpid()
-
-    def running(self) -> bool:
-        """Whether the migration is still being driven by this actor."""
-        return self._thread.is_alive()
 
     def _main(self) -> None:
         try:
