@@ -393,17 +393,18 @@ class AwsDriver(CloudDriver):
 
     def _check_location(self) -> None:
         with self._call("list the AWS regions", region=self.region):
-            regions = self._clients["home"].describe_regions(AllRegions=True)["Regions"]
-        status = {r["RegionName"]: r.get("OptInStatus", "") for r in regions}
+            answer = self._clients["home"].describe_regions(AllRegions=True)
+        status = {r["RegionName"]: r.get("OptInStatus", "") for r in answer["Regions"]}
+        details = {"region": self.region, "provider": "aws",
+                   "request_id": answer.get("ResponseMetadata", {}).get("RequestId")}
         if self.region not in status:
             raise self.note_error(InvalidRequest(
                 f"unknown AWS region {self.region!r}; this account knows: "
-                f"{', '.join(sorted(status))}", details={"region": self.region,
-                                                         "provider": "aws"}))
+                f"{', '.join(sorted(status))}", details=details))
         if status[self.region] == "not-opted-in":
             raise self.note_error(Forbidden(
                 f"AWS region {self.region} is not enabled for this account (opt in first)",
-                details={"region": self.region, "provider": "aws"}))
+                details=details))
 
     def _load_types(self) -> list[InstanceType]:
         filters = [{"Name": "supported-usage-class", "Values": ["on-demand"]},

@@ -172,8 +172,10 @@ def test_bad_config_is_refused(env: Env, config: dict[str, Any], message: str) -
 
 def test_unknown_region_is_a_clear_error(env: Env) -> None:
     drv = env.driver(connect=False, region="xx-nowhere-9")
-    with pytest.raises(InvalidRequest, match=r"unknown AWS region 'xx-nowhere-9'.*eu-west-1"):
+    with pytest.raises(InvalidRequest,
+                       match=r"unknown AWS region 'xx-nowhere-9'.*eu-west-1") as info:
         drv.connect()
+    assert info.value.details["request_id"]  # of the DescribeRegions answer
 
 
 def test_cheapest_fit_from_the_catalogue(env: Env) -> None:
