@@ -79,6 +79,9 @@ def render(store: Store, host_stats: dict[str, dict[str, Any]]) -> Response:
                      registry=fleet)
     memory_used = Gauge("novacron_host_memory_used_mib", "Measured memory in use", ["host"],
                         registry=fleet)
+    health = Gauge("novacron_host_health", "Provider health figures a host reports (cloud "
+                   "hosts: credentials valid, API reachable, throttled calls...)",
+                   ["host", "figure"], registry=fleet)
     guest = {field: Gauge(f"novacron_vm_{name}", help_text, ["vm", "host"], registry=fleet)
              for field, name, help_text in _GUEST_COUNTERS}
     for state in ("pending", "stopped", "starting", "running", "paused", "stopping",
@@ -98,6 +101,9 @@ def render(store: Store, host_stats: dict[str, dict[str, Any]]) -> Response:
         if stats:
             cpu_load.labels(name).set(stats.get("cpu_load", 0.0))
             memory_used.labels(name).set(stats.get("memory_used_mib", 0))
+            for figure, value in (stats.get("extra") or {}).items():
+                if isinstance(value, int | float):
+                    health.labels(name, figure).set(value)
             for vm_id, counters in stats.get("guests", {}).items():
                 for field, gauge in guest.items():
                     gauge.labels(vm_id, name).set(counters.get(field, 0))
