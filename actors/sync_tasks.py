@@ -44,6 +44,7 @@ from novacron.migration.throttle import TokenBucket
 log = logging.getLogger("novacron.migration")
 
 FLUSH_INTERVAL_S = 0.25  # how often written ranges are made durable and checkpointed
+ENCODE_BATCH_BYTES = 8 * 1024 * 1024  # changed data gathered per encode/apply task
 
 
 # Every task takes a whole CPU: a host then never needs more Ray workers than it has CPUs, so no
@@ -80,19 +81,37 @@ def hash_task(
 
 @ray.remote(num_cpus=1, num_returns=2)
 def encode_task(
-    path: str, geometry: Geometry, plan: RangePlan, level: int
-) -> tuple[bytes, EncodeStats]:
-    """The frame batch of a range plan, read and compressed on the source."""
-    return encode_range(path, geometry, plan, level)
+    path: str, geometry: Geometry, plans: list[RangePlan], level: int
+) -> tuple[list[bytes], EncodeStats]:
+    """The frame batches of some range plans, read and compressed on the source."""
+    batches: list[bytes] = []
+    size = bytes_read = 0
+    kinds: Counter[str] = Counter()
+    for plan in plans:
+        batch, stats = encode_range(path, geometry, plan, level)
+        batches.append(batch)
+        size += stats.size
+        bytes_read += stats.bytes_read
+        kinds.update(stats.kinds)
+    return batches, EncodeStats(size, dict(kinds), bytes_read)
 
 
 @ray.remote(num_cpus=1)
 def apply_task(
-    path: str, geometry: Geometry, r: int, batch: bytes, leaves: bytes, seeds: Sequence[str]
-) -> ApplyResult:
-    """Apply a batch to the target; leaves come back only when a second batch must follow."""
-    result = apply_batch(path, geometry, r, batch, leaves, seeds)
-    return result if result.misses else replace(result, leaves=b"")
+    path: str,
+    geometry: Geometry,
+    ranges: list[int],
+    batches: list[bytes],
+    seeds: Sequence[str],
+    *leaves: bytes,
+) -> list[ApplyResult]:
+    """Apply batches to their ranges of the target (``leaves``: each range's, in order); leaves
+    come back only for a range whose local copies missed, as a second batch must follow."""
+    results = []
+    for r, batch, range_leaves in zip(ranges, batches, leaves, strict=True):
+        result = apply_batch(path, geometry, r, batch, range_leaves, seeds)
+        results.append(result if result.misses else replace(result, leaves=b""))
+    return results
 
 
 @ray.remote(num_cpus=1)
@@ -180,7 +199,8 @@ class _SyncRun:
         self.dst_leaves: dict[int, ObjectRef[Any] | bytes] = {}
         self.index = BlockIndex()
         self.encode_queue: deque[RangePlan] = deque()
-        self.apply_queue: deque[tuple[int, ObjectRef[Any], EncodeStats]] = deque()
+        self.queued_send_bytes = 0
+        self.apply_queue: deque[tuple[list[int], ObjectRef[Any], EncodeStats]] = deque()
         self.unflushed: list[tuple[int, bytes]] = []
         self.last_flush = time.monotonic()
 
@@ -229,17 +249,27 @@ class _SyncRun:
         """Start what can start, finishing ranges first: applies, encodes, a flush when due,
         then hashing of the seeds and of the side that is behind."""
         while self.apply_queue and self._room("apply"):
-            r, batch, encoded = self.apply_queue.popleft()
+            ranges, batches, encoded = self.apply_queue.popleft()
             if self.bucket is not None:
                 self.bucket.acquire(encoded.size)
-            leaves = self.dst_leaves[r]
-            applied = self.apply.remote(self.dst, self.geometry, r, batch, leaves, self.seeds)
-            self._track(applied, _Pending("apply", r))
-        while self.encode_queue and self._room("encode"):
-            plan = self.encode_queue.popleft()
-            refs = self.encode.remote(self.src, self.geometry, plan, self.level)
-            batch, stats = cast("list[ObjectRef[Any]]", refs)
-            self._track(stats, _Pending("encode", plan.range_index, batch))
+            leaves = [self.dst_leaves[r] for r in ranges]
+            applied = self.apply.remote(
+                self.dst, self.geometry, ranges, batches, self.seeds, *leaves
+            )
+            self._track(applied, _Pending("apply", ranges[0], ranges))
+        while self.encode_queue and self._room("encode") and self._encode_due():
+            plans = [self.encode_queue.popleft()]
+            budget = self._send_bytes(plans[0])
+            while self.encode_queue and budget + self._send_bytes(self.encode_queue[0]) <= (
+                ENCODE_BATCH_BYTES
+            ):
+                budget += self._send_bytes(self.encode_queue[0])
+                plans.append(self.encode_queue.popleft())
+            self.queued_send_bytes -= budget
+            refs = self.encode.remote(self.src, self.geometry, plans, self.level)
+            batches, stats = cast("list[ObjectRef[Any]]", refs)
+            ranges = [plan.range_index for plan in plans]
+            self._track(stats, _Pending("encode", ranges[0], (ranges, batches)))
         self._maybe_flush()
         while self.todo["seed"] and self._room("seed"):
             k, geo, r = self.todo["seed"].popleft()
@@ -255,6 +285,19 @@ class _SyncRun:
                 self.geometry,
                 self.todo[side].popleft(),
             )
+
+    def _send_bytes(self, plan: RangePlan) -> int:
+        return len(plan.send) * self.geometry.block_size
+
+    def _encode_due(self) -> bool:
+        """Plans are encoded in batches of about ENCODE_BATCH_BYTES (fewer, larger tasks), and
+        as they come once the last ranges are being hashed."""
+        hashing_left = self.todo["src"] or self.todo["dst"] or self.todo["seed"]
+        return self.queued_send_bytes >= ENCODE_BATCH_BYTES or not hashing_left
+
+    def _queue_plan(self, plan: RangePlan) -> None:
+        self.encode_queue.append(plan)
+        self.queued_send_bytes += self._send_bytes(plan)
 
     def _maybe_flush(self) -> None:
         """Flush the target every FLUSH_INTERVAL_S, and at the end, when written ranges wait."""
@@ -282,7 +325,7 @@ class _SyncRun:
             self._verified(r, src.digest, dst.digest, written=False)
         else:
             self.src_digests[r] = src.digest
-            self.encode_queue.append(plan)
+            self._queue_plan(plan)
 
     def _verified(self, r: int, source: bytes, target: bytes, *, written: bool) -> None:
         if target != source:
@@ -298,6 +341,18 @@ class _SyncRun:
             self.checkpoint.mark_done(r, digest)
         if self.on_checkpoint is not None:
             self.on_checkpoint(self.checkpoint)
+
+    def _applied(self, result: ApplyResult) -> None:
+        r = result.range_index
+        self.report.bytes_received += len(result.digest) + len(result.leaves)
+        if result.misses:
+            self.report.misses += len(result.misses)
+            self.kinds.subtract({"LOCAL_COPY": len(result.misses)})
+            self.dst_leaves[r] = result.leaves
+            self._queue_plan(RangePlan(r, send=result.misses))
+        else:
+            self.dst_leaves.pop(r, None)
+            self._verified(r, self.src_digests.pop(r), result.digest, written=True)
 
     def _done(self, ref: ObjectRef[Any], task: _Pending) -> None:
         r, report = task.r, self.report
@@ -324,18 +379,12 @@ class _SyncRun:
             report.bytes_sent += encoded.size
             report.bytes_read += encoded.bytes_read
             self.kinds.update(encoded.kinds)
-            self.apply_queue.append((r, task.context, encoded))
+            ranges, batches = task.context
+            self.apply_queue.append((ranges, batches, encoded))
         elif task.kind == "apply":
-            result: ApplyResult = ray.get(ref)
-            report.bytes_received += len(result.digest) + len(result.leaves)
-            if result.misses:
-                report.misses += len(result.misses)
-                self.kinds.subtract({"LOCAL_COPY": len(result.misses)})
-                self.dst_leaves[r] = result.leaves
-                self.encode_queue.append(RangePlan(r, send=result.misses))
-            else:
-                self.dst_leaves.pop(r, None)
-                self._verified(r, self.src_digests.pop(r), result.digest, written=True)
+            results: list[ApplyResult] = ray.get(ref)
+            for result in results:
+                self._applied(result)
         else:
             ray.get(ref)
             self._record(task.context)

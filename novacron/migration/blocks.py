@@ -125,11 +125,6 @@ def zero_leaf(length: int) -> bytes:
     return blake3.blake3(bytes(length)).digest()
 
 
-def block_digest(data: bytes | memoryview) -> bytes:
-    """xxh3-128 digest of one block (the comparison digest)."""
-    return xxhash.xxh3_128_digest(data)
-
-
 def block_leaf(data: bytes | memoryview) -> bytes:
     """BLAKE3 leaf of one block (the verification digest)."""
     return blake3.blake3(data).digest()
@@ -192,7 +187,7 @@ class RangeHashes:
         return len(self.digests) + len(self.zero) + len(self.digest)
 
 
-def map_range(fd: int, geometry: Geometry, r: int) -> mmap.mmap:
+def _map_range(fd: int, geometry: Geometry, r: int) -> mmap.mmap:
     """Map range ``r`` of an open image read-only."""
     offset, length = geometry.range_extent(r)
     mapped = mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ, offset=offset)
@@ -220,22 +215,32 @@ def hash_range(
     leaves: list[bytes] = []
     zero = np.zeros(len(blocks), dtype=np.bool_)
     bs = geometry.block_size
+    xxh3, strong_hash = xxhash.xxh3_128_digest, blake3.blake3  # the loop runs per 64 KiB
+    empty_digest, empty_leaf = zero_digest(bs), zero_leaf(bs)
     fd = os.open(path, os.O_RDONLY)
     try:
-        mapped = map_range(fd, geometry, r)
+        mapped = _map_range(fd, geometry, r)
     finally:
         os.close(fd)
-    with mapped, memoryview(mapped) as view:
-        for i in range(len(blocks)):
-            with view[i * bs : (i + 1) * bs] as data:
-                digest = xxhash.xxh3_128_digest(data)
-                if digest == zero_digest(len(data)) and is_zero(data):
+    with mapped:
+        view = memoryview(mapped)
+        data: memoryview | None = None
+        try:
+            for i in range(len(blocks)):
+                data = view[i * bs : (i + 1) * bs]
+                digest = xxh3(data)
+                digests.append(digest)
+                if len(data) != bs:  # the image's short last block
+                    empty_digest, empty_leaf = zero_digest(len(data)), zero_leaf(len(data))
+                if digest == empty_digest and is_zero(data):
                     zero[i] = True
                     if strong:
-                        leaves.append(zero_leaf(len(data)))
+                        leaves.append(empty_leaf)
                 elif strong:
-                    leaves.append(blake3.blake3(data).digest())
-                digests.append(digest)
+                    leaves.append(strong_hash(data).digest())
+        finally:
+            data = None  # the last slice must go before the map can close
+            view.release()
     leaf_bytes = b"".join(leaves)
     return RangeHashes(
         range_index=r,

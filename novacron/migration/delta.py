@@ -8,10 +8,10 @@ The steps of a sync, each a plain function over files so that any executor (Ray 
    as an earlier copy or the template the image came from) to where they are;
 3. ``plan_range`` compares a range's digests: changed blocks become zero writes, local copies or
    blocks to send;
-4. the source ``encode_range`` s the plan into a frame batch (``codecs``);
-5. the target ``apply_batch`` es it in place, reads the written blocks back and recomputes the
-   range's BLAKE3 digest, which must equal the source's. A local copy whose bytes were overwritten
-   meanwhile (the target image is written in place) is reported as a miss and sent in a new batch.
+4. the source encodes the plan into a frame batch (``encode_range``, frames from ``codecs``);
+5. the target applies it in place (``apply_batch``), reads the written blocks back and
+   recomputes the range's BLAKE3 digest, which must equal the source's. A local copy whose bytes
+   were overwritten meanwhile (the image is written in place) is a miss, sent in a new batch.
 
 A ``SyncCheckpoint`` records the verified ranges so an interrupted sync resumes where it stopped.
 """
@@ -233,6 +233,8 @@ def apply_batch(
     finally:
         for handle in fds.values():
             os.close(handle)
+    if misses:
+        log.debug("range %d: %d local copies overwritten meanwhile", range_index, len(misses))
     leaf_bytes = bytes(new_leaves)
     digest = range_digest(leaf_bytes)
     return ApplyResult(range_index, leaf_bytes, digest, len(written), tuple(misses))

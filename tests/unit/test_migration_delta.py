@@ -1,7 +1,7 @@
 """Delta sync without Ray: plan, encode, apply, verify, checkpoint and resume.
 
-``serial_sync`` runs the steps in the order the Ray driver does (all target ranges hashed before
-their blocks are used as local copies), one range at a time.
+``serial_sync`` runs the steps one range at a time, as the Ray driver does per range; it hashes
+every target range first, so that every block the target holds is found as a local copy.
 """
 
 from __future__ import annotations
