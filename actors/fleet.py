@@ -97,10 +97,17 @@ class RayFleet:
             actor = ray.get_actor(names.host_actor(name), namespace=self.namespace)
         except ValueError:
             return
+        try:  # let it stop beating and close its hypervisor connection first
+            ray.get(actor.stop.remote(), timeout=10)
+        except Exception:
+            log.warning("host %s: its agent did not stop cleanly; killing it", name)
         ray.kill(actor, no_restart=True)
 
     def converge_vm(self, vm: VM, host: Host) -> None:
-        self._dispatch.submit(self._send_converge, vm, host)
+        try:
+            self._dispatch.submit(self._send_converge, vm, host)
+        except RuntimeError:  # shutting down: the next controller converges it
+            log.debug("VM %s: not converged, the fleet is shutting down", vm.id)
 
     def _send_converge(self, vm: VM, host: Host) -> None:
         try:
@@ -130,7 +137,10 @@ class RayFleet:
                                    f"{_CALL_TIMEOUT_S:g} s") from exc
 
     def forget_vm(self, vm_id: str) -> None:
-        self._dispatch.submit(self._kill_vm_actor, vm_id)
+        try:
+            self._dispatch.submit(self._kill_vm_actor, vm_id)
+        except RuntimeError:  # shutting down: shutdown() kills every VM actor itself
+            log.debug("VM %s: agent left to the shutdown", vm_id)
 
     def _kill_vm_actor(self, vm_id: str) -> None:
         """Kill the VM's actor and wait (briefly) for its name to be free: a migrated VM's
