@@ -323,15 +323,12 @@ class _Run:
                      bytes_remaining=0, eta_s=0.0)
 
     def _switchover(self) -> None:
-        resumed = self.m.phase == _P.SWITCHOVER
+        # Entered only once everything was copied, with the source stopped or paused: a
+        # restarted run in this phase rolls forward (start_incoming and start are idempotent).
         self._enter(_P.SWITCHOVER)
         record = VM.model_validate(self._call("migration_context", self.id)["vm"])
         epoch = record.epoch + (0 if record.host == self.m.target else 1)
         if record.host != self.m.target:
-            if resumed and self.m.mode == "live" \
-                    and self.dst.get(self.vm.id).state != VMState.RUNNING:
-                raise _Stop(_P.FAILED, "the migration agent restarted before the target guest "
-                                       "started; the source keeps the VM")
             if self.m.mode == "live":
                 info = self.dst.start_incoming(self.vm.id, epoch)
             elif record.desired.value in ("running", "paused"):
