@@ -359,8 +359,9 @@ def build_app() -> FastAPI:
         backend = backend_of(request)
         principal = _principal(request)
         readable = {kind: backend.gate.readable_tenants(principal, resource)
-                    for kind, resource in (("vm", Resource.VMS), ("host", Resource.HOSTS))}
-        batch = backend.store.events(since, limit=limit, kinds=["vm", "host"])
+                    for kind, resource in (("vm", Resource.VMS), ("host", Resource.HOSTS),
+                                           ("migration", Resource.MIGRATIONS))}
+        batch = backend.store.events(since, limit=limit, kinds=list(readable))
         return {"items": [{"revision": ev.revision, "kind": ev.kind, "key": ev.key, "op": ev.op,
                            "time": ev.time, "data": ev.data} for ev in batch
                           if ev.data is not None and visible(ev.data, readable[ev.kind])],

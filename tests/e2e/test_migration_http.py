@@ -44,6 +44,17 @@ def test_live_migration_over_http(http: httpx.Client) -> None:
     assert [m["id"] for m in http.get(f"{A}/migrations").json()["items"]] == [mig_id]
     moved = poll(http, f"{A}/vms/{vm['id']}", lambda b: b["state"] == "running")
     assert (moved["host"], moved["epoch"]) == ("e2", vm["epoch"] + 1)
+    phases, since = [], 0
+    while True:  # the phases as the event log tells them
+        page = http.get(f"{A}/events", params={"since": since, "limit": 1000}).json()
+        phases += [e["data"]["phase"] for e in page["items"]
+                   if e["kind"] == "migration" and e["key"] == mig_id]
+        if page["next"] == since:
+            break
+        since = page["next"]
+    assert [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p] == [
+        "pending", "preparing", "syncing-disk", "precopy", "stop-and-copy", "switchover",
+        "completed"]
 
     assert http.post(f"{A}/migrations/{mig_id}/cancel").status_code == 409
     assert http.post(f"{A}/migrations/{mig_id}/rewind").status_code == 404
