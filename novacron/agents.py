@@ -142,7 +142,8 @@ class VMAgent:
             except NovaCronError as exc:
                 log.warning("VM %s: %s", self.vm_id, exc.message)
                 current = self.observe()
-                result = {**current, "error": exc.message, "done": pending}
+                result = {**current, "error": exc.message, "error_code": exc.code,
+                          "done": pending}
             self.reporter.report_vm(self.vm_id, epoch, result)
             return result
 

@@ -66,6 +66,7 @@ log = logging.getLogger("novacron.controlplane")
 
 _RETRIES = 8
 _RESCAN_EVERY = 60
+_MAX_BACKOFF_S = 300.0
 
 
 class Fleet(Protocol):
@@ -149,6 +150,7 @@ class ControlPlane:
         # VMs not yet in their desired state: kept current on every write, so a reconcile pass
         # touches only these, plus a full rescan every ``_RESCAN_EVERY`` passes.
         self._unsettled: set[str] = set()
+        self._failures: dict[str, int] = {}  # consecutive failed converges, for backoff
         self._passes = 0
         self._engine: PlacementEngine | None = None  # built on first use, kept current
 
@@ -717,11 +719,13 @@ class ControlPlane:
             if seen_at < vm.observed_at:
                 return  # an older observation arrived late
             state = VMState(observed["state"])
+            error = None if observed.get("transient") else observed.get("error")
             if state == VMState.DELETED:
                 if vm.desired == PowerState.DELETED:
                     self._finish_delete(vm)
                     return
-                state = VMState.PENDING  # the guest vanished: the agent defines it again
+                # The guest vanished (the agent defines it again), or could not be defined.
+                state = VMState.ERROR if error else VMState.PENDING
             try:
                 check_vm_transition(vm.state, state)
             except InvalidTransition as exc:
@@ -730,10 +734,18 @@ class ControlPlane:
             update: dict[str, Any] = {"state": state, "observed_at": seen_at}
             if not observed.get("transient"):
                 update["guest_id"] = observed.get("guest_id")
-                update["last_error"] = observed.get("error")
+                update["last_error"] = error
+                update["last_error_code"] = observed.get("error_code") if error else None
                 if observed.get("done") is not None and observed.get("done") == vm.pending:
                     update["pending"] = None
                 self._inflight.pop(vm_id, None)
+                if error:
+                    # Retry later, backing off: a missing image will not appear in 250 ms.
+                    failures = self._failures.get(vm_id, 0) + 1
+                    self._failures[vm_id] = failures
+                    self._inflight[vm_id] = self.clock() + min(_MAX_BACKOFF_S, 2.0 ** failures)
+                else:
+                    self._failures.pop(vm_id, None)
             if all(getattr(vm, k) == v for k, v in update.items() if k != "observed_at"):
                 return
             vm = self._write_vm(vm.model_copy(update=update))

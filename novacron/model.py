@@ -146,6 +146,7 @@ class VM(BaseModel):
     pending: str | None = None  # a one-off action awaiting its agent: "reboot" or "force_stop"
     migration: str | None = None  # the migration moving it: its agents stand aside meanwhile
     last_error: str | None = None
+    last_error_code: str | None = None  # the error's code (not_found, no_capacity...)
     observed_at: float = 0.0  # when the state was last observed (late, older reports are ignored)
     created_at: float = Field(default_factory=time.time)
     updated_at: float = Field(default_factory=time.time)

@@ -289,3 +289,29 @@ def test_reconcile_retries_unsettled_vms_after_the_timeout(
     plane.heartbeat("h", {}, [])
     plane.reconcile_once()
     assert len(fleet.converged) == 2
+
+
+def test_a_guest_that_cannot_be_defined_is_an_error_retried_with_backoff(
+        quiet: tuple[ControlPlane, RecordingFleet, list[float]]) -> None:
+    plane, fleet, clock = quiet
+    vm = plane.create_vm(VMCreate(name="noimage", cpus=1, memory_mib=64, image="missing.qcow2"))
+    failed = {"state": "deleted", "guest_id": None, "time": clock[0], "error_code": "not_found",
+              "error": "image 'missing.qcow2' not found in pool default"}
+    plane.report_vm(vm.id, 1, failed)
+    now = plane.get_vm(vm.id)
+    assert now.state == VMState.ERROR
+    assert now.last_error_code == "not_found"
+    assert "missing.qcow2" in (now.last_error or "")
+    sent = len(fleet.converged)
+
+    def retried_after(seconds: float) -> int:
+        clock[0] += seconds
+        plane.heartbeat("h", {}, [])
+        plane.reconcile_once()
+        return len(fleet.converged) - sent
+
+    assert retried_after(1.5) == 0  # the first failure waits 2 s
+    assert retried_after(1.0) == 1
+    plane.report_vm(vm.id, 1, {**failed, "time": clock[0]})
+    assert retried_after(3.0) == 1  # the second waits 4 s
+    assert retried_after(1.5) == 2
