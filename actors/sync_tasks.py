@@ -1,7 +1,7 @@
 """Delta sync as Ray tasks, and ``sync_file``, the driver that runs one sync through them.
 
 The tasks wrap the steps of ``novacron.migration.delta``. Hashing, the heavy part, runs on both
-hosts in parallel, one range per task, ``parallelism`` tasks per host. Each range is planned by
+hosts in parallel, one range per task, ``parallelism`` streams per host. Each range is planned by
 the driver as soon as both sides' digests are in, then encoded on the source and applied on the
 target between the hashing tasks, its frames travelling through the Ray object store, paced by
 the bandwidth cap. Written ranges become durable with a flush of the target every
@@ -167,10 +167,9 @@ class _SyncRun:
     ) -> None:
         self.src, self.dst, self.geometry = src, dst, state.geometry
         self.checkpoint = state
-        # Tasks in flight per host: one queued beyond the running ones, so that a worker never
-        # waits for the driver, the driver (not Ray's queue) picks what runs next, and no more
-        # workers are needed than the host has CPUs for.
-        self.depth = parallelism + 1
+        # Tasks in flight per host: as many queued as running, so that a worker never waits for
+        # the driver, yet the driver (not Ray's queue) mostly picks what runs next.
+        self.depth = 2 * parallelism
         self.level = level
         self.seeds = list(seeds)
         self.bucket = bucket
@@ -407,7 +406,8 @@ def sync_file(
 ) -> SyncReport:
     """Make ``dst_path`` (on ``target_host``) a copy of ``src_path`` (on ``source_host``).
 
-    ``parallelism`` is the number of tasks each host runs at once (the parallel streams);
+    ``parallelism`` is the number of parallel streams per host: each host gets twice as many tasks
+    in flight, one queued behind each running one (a host with spare CPUs may run them all).
     ``source_host`` and ``target_host`` pin them to those hosts' Ray nodes (``host_nodes`` maps a
     logical host that has no node of its own to the node id it lives on). ``bandwidth_cap``
     (bytes/s) holds the frames to a budget; the zstd level follows the lower of the cap and
