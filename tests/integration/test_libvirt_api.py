@@ -340,7 +340,8 @@ def test_bad_vms_are_reported_and_leave_nothing_behind(plane: Plane) -> None:
     missing = nc.vms.create("no-image", cpus=1, memory_mib=128,
                             image=str(plane.env.template) + ".missing", host=HOST)
     plane.wait_error(missing, r"image '.*\.missing' not found on host kvm-1")
-    assert missing.state == VMState.PENDING
+    assert missing.state == VMState.ERROR  # typed, retried with backoff, never half-defined
+    assert missing.record.last_error_code == "not_found"
     with virt() as conn:
         assert domain_or_none(conn, missing.id) is None
     assert pool_volumes() == volumes
