@@ -45,6 +45,7 @@ log = logging.getLogger("novacron.migration")
 
 FLUSH_INTERVAL_S = 0.25  # how often written ranges are made durable and checkpointed
 ENCODE_BATCH_BYTES = 8 * 1024 * 1024  # changed data gathered per encode/apply task
+MAX_RANGES_PER_TASK = 4  # ranges hashed by one task while many remain
 
 
 # Every task takes a whole CPU: a host then never needs more Ray workers than it has CPUs, so no
@@ -68,15 +69,17 @@ def prepare_target(path: str, size: int) -> None:
         os.close(fd)
 
 
-@ray.remote(num_cpus=1, num_returns=2)
+@ray.remote(num_cpus=1)
 def hash_task(
-    path: str, geometry: Geometry, r: int, strong: bool, keep_leaves: bool
-) -> tuple[RangeHashes, bytes]:
-    """Digests of one range, and apart from them its BLAKE3 leaves when ``keep_leaves`` (the
-    target keeps them, on its own node, for the apply). One task kind for every side, so that
-    Ray reuses its workers from one range to the next."""
-    hashes = hash_range(path, geometry, r, strong=strong)
-    return replace(hashes, leaves=b""), hashes.leaves if keep_leaves else b""
+    path: str, geometry: Geometry, ranges: list[int], strong: bool, keep_leaves: bool
+) -> tuple[RangeHashes | bytes, ...]:
+    """Digests of some ranges, then apart from them (one object each, called with
+    ``num_returns=2 * len(ranges)``) their BLAKE3 leaves when ``keep_leaves``: the target keeps
+    them, on its own node, for the apply. One task kind for every side, so that Ray reuses its
+    workers from one task to the next."""
+    hashes = [hash_range(path, geometry, r, strong=strong) for r in ranges]
+    digests = [replace(h, leaves=b"") for h in hashes]
+    return (*digests, *(h.leaves if keep_leaves else b"" for h in hashes))
 
 
 @ray.remote(num_cpus=1, num_returns=2)
@@ -130,10 +133,10 @@ def _pin(host: str | None, host_nodes: Mapping[str, str]) -> dict[str, Any]:
 
 @dataclass
 class _Pending:
-    """A task in flight: its kind, range and context."""
+    """A task in flight: its kind, its ranges and what else its completion needs."""
 
     kind: str  # src, dst, seed (hashing); encode, apply, flush
-    r: int
+    ranges: list[int]
     context: Any = None
 
 
@@ -174,7 +177,7 @@ class _SyncRun:
         self.seeds = list(seeds)
         self.bucket = bucket
         src_pin, dst_pin = pins
-        self.hash_on = {"src": hash_task.options(**src_pin), "dst": hash_task.options(**dst_pin)}
+        self.pins = {"src": src_pin, "dst": dst_pin}
         self.encode = encode_task.options(**src_pin)
         self.apply = apply_task.options(**dst_pin)
         self.flush = flush_target.options(**dst_pin)
@@ -236,13 +239,27 @@ class _SyncRun:
             kinds = _ON_SOURCE + _ON_TARGET
         return sum(self.in_flight[k] for k in kinds) < self.depth
 
-    def _hash(self, kind: str, path: str, geometry: Geometry, r: int, context: Any = None) -> None:
-        task = self.hash_on["src" if kind == "src" else "dst"]
-        refs = task.remote(path, geometry, r, kind != "seed", kind == "dst")
-        digests, leaves = cast("list[ObjectRef[Any]]", refs)
-        self._track(digests, _Pending(kind, r, context))
+    def _hash(
+        self, kind: str, path: str, geometry: Geometry, ranges: list[int], seed: int = 0
+    ) -> None:
+        pin = self.pins["src" if kind == "src" else "dst"]
+        task = hash_task.options(**pin, num_returns=2 * len(ranges))
+        refs = task.remote(path, geometry, ranges, kind != "seed", kind == "dst")
+        objects = cast("list[ObjectRef[Any]]", refs)
+        digests, leaves = objects[: len(ranges)], objects[len(ranges) :]
+        self._track(digests[0], _Pending(kind, ranges, (digests, seed, geometry)))
         if kind == "dst":
-            self.dst_leaves[r] = leaves
+            self.dst_leaves.update(zip(ranges, leaves, strict=True))
+
+    def _take(self, kind: str) -> list[Any]:
+        """The next ranges of ``kind`` to hash in one task: several while many remain (fewer
+        tasks), one by one towards the end (a short tail)."""
+        todo = self.todo[kind]
+        count = max(1, min(MAX_RANGES_PER_TASK, len(todo) // self.depth))
+        taken = [todo.popleft()]
+        while todo and len(taken) < count and (kind != "seed" or todo[0][0] == taken[0][0]):
+            taken.append(todo.popleft())
+        return taken
 
     def _submit(self) -> None:
         """Start what can start, finishing ranges first: applies, encodes, a flush when due,
@@ -255,7 +272,7 @@ class _SyncRun:
             applied = self.apply.remote(
                 self.dst, self.geometry, ranges, batches, self.seeds, *leaves
             )
-            self._track(applied, _Pending("apply", ranges[0], ranges))
+            self._track(applied, _Pending("apply", ranges))
         while self.encode_queue and self._room("encode") and self._encode_due():
             plans = [self.encode_queue.popleft()]
             budget = self._send_bytes(plans[0])
@@ -268,22 +285,19 @@ class _SyncRun:
             refs = self.encode.remote(self.src, self.geometry, plans, self.level)
             batches, stats = cast("list[ObjectRef[Any]]", refs)
             ranges = [plan.range_index for plan in plans]
-            self._track(stats, _Pending("encode", ranges[0], (ranges, batches)))
+            self._track(stats, _Pending("encode", ranges, batches))
         self._maybe_flush()
         while self.todo["seed"] and self._room("seed"):
-            k, geo, r = self.todo["seed"].popleft()
-            self._hash("seed", self.seeds[k - 1], geo, r, (k, geo))
+            taken = self._take("seed")
+            k, geo = taken[0][0], taken[0][1]
+            self._hash("seed", self.seeds[k - 1], geo, [r for _, _, r in taken], k)
         while True:
             sides = [s for s in ("dst", "src") if self.todo[s] and self._room(s)]
             if not sides:
                 return
             side = max(sides, key=lambda s: len(self.todo[s]))
-            self._hash(
-                side,
-                self.dst if side == "dst" else self.src,
-                self.geometry,
-                self.todo[side].popleft(),
-            )
+            path = self.dst if side == "dst" else self.src
+            self._hash(side, path, self.geometry, self._take(side))
 
     def _send_bytes(self, plan: RangePlan) -> int:
         return len(plan.send) * self.geometry.block_size
@@ -308,7 +322,7 @@ class _SyncRun:
             return
         ranges, self.unflushed = self.unflushed, []
         flushed = self.flush.remote(self.dst)
-        self._track(flushed, _Pending("flush", -1, ranges))
+        self._track(flushed, _Pending("flush", [r for r, _ in ranges], ranges))
         self.last_flush = time.monotonic()
 
     def _plan(self, r: int) -> None:
@@ -353,33 +367,34 @@ class _SyncRun:
             self.dst_leaves.pop(r, None)
             self._verified(r, self.src_digests.pop(r), result.digest, written=True)
 
-    def _done(self, ref: ObjectRef[Any], task: _Pending) -> None:
-        r, report = task.r, self.report
-        if task.kind in _HASHING:
-            hashes: RangeHashes = ray.get(ref)
+    def _hashed(self, task: _Pending) -> None:
+        digest_refs, seed, geometry = task.context
+        for r, hashes in zip(task.ranges, ray.get(digest_refs), strict=True):
+            self.report.bytes_read += geometry.range_extent(r)[1]
             if task.kind == "seed":
-                k, geometry = task.context
-                self.index.add(k, hashes)
-                report.bytes_read += geometry.range_extent(r)[1]
-                if self.seeds_hashed:
-                    for both in sorted(self.src_hashes.keys() & self.dst_hashes.keys()):
-                        self._plan(both)
-                return
-            report.bytes_read += self.geometry.range_extent(r)[1]
-            if task.kind == "dst":
+                self.index.add(seed, hashes)
+            elif task.kind == "dst":
                 self.dst_hashes[r] = hashes
                 self.index.add(IMAGE, hashes)
-                report.bytes_received += hashes.wire_size
+                self.report.bytes_received += hashes.wire_size
             else:
                 self.src_hashes[r] = hashes
+        ready = task.ranges if task.kind != "seed" else []
+        if task.kind == "seed" and self.seeds_hashed:
+            ready = sorted(self.src_hashes.keys() & self.dst_hashes.keys())
+        for r in ready:
             self._plan(r)
+
+    def _done(self, ref: ObjectRef[Any], task: _Pending) -> None:
+        report = self.report
+        if task.kind in _HASHING:
+            self._hashed(task)
         elif task.kind == "encode":
             encoded: EncodeStats = ray.get(ref)
             report.bytes_sent += encoded.size
             report.bytes_read += encoded.bytes_read
             self.kinds.update(encoded.kinds)
-            ranges, batches = task.context
-            self.apply_queue.append((ranges, batches, encoded))
+            self.apply_queue.append((task.ranges, task.context, encoded))
         elif task.kind == "apply":
             results: list[ApplyResult] = ray.get(ref)
             for result in results:
