@@ -219,7 +219,7 @@ class _SyncRun:
             for ref in self.pending:
                 ray.cancel(ref)
             raise
-        self.report.blocks = dict(self.kinds)
+        self.report.blocks = {kind: n for kind, n in self.kinds.items() if n}
         if self.checkpoint.complete:
             self.report.image_digest = self.checkpoint.image_digest().hex()
         return self.report
