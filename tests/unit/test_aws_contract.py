@@ -6,7 +6,6 @@ keys the way EC2 would, and honours ClientToken as EC2 does.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
@@ -38,6 +37,7 @@ from novacron.errors import (
 )
 from novacron.states import VMState
 from tests.contract.driver_contract import DriverContract
+from tests.fakes.env import DriverEnv
 from tests.fakes.moto_server import FaultProxy
 
 pytest_plugins = ["tests.fakes.plugin"]
@@ -69,13 +69,16 @@ def write_keys(path: Path, key_id: str, **extra: Any) -> Path:
     return path
 
 
-class Env:
+class Env(DriverEnv[AwsDriver]):
     """Builds drivers on unique hosts against the proxy; closes them and their instances."""
 
+    driver_class = AwsDriver
+    prefix = "aws"
+
     def __init__(self, proxy: FaultProxy, state: Path, tmp: Path, ami: str) -> None:
+        super().__init__(proxy, state)
         self.proxy, self.state, self.tmp, self.ami = proxy, state, tmp, ami
         self.keys = write_keys(tmp / "aws.json", "AKIDNOVACRON0001")
-        self.drivers: list[AwsDriver] = []
 
     def config(self, **over: Any) -> dict[str, Any]:
         return {"region": REGION, "endpoint_url": self.proxy.url,
@@ -84,23 +87,6 @@ class Env:
                 "instance_types": ["t3.*", "m5.*", "c5.*"],
                 "max_attempts": 4, "credential_check_interval_s": 0, "page_size": 100, **over}
 
-    def driver(self, host: str | None = None, connect: bool = True, **over: Any) -> AwsDriver:
-        drv = AwsDriver(host or f"aws-{uuid.uuid4().hex[:8]}", None, self.config(**over),
-                        self.state)
-        self.drivers.append(drv)
-        if connect:
-            drv.connect()
-        return drv
-
-    def cleanup(self) -> None:
-        self.proxy.reset()
-        for drv in self.drivers:
-            with contextlib.suppress(NovaCronError):
-                for guest in drv.list():
-                    with contextlib.suppress(NovaCronError):
-                        drv.stop(guest.vm_id, force=True)
-                        drv.undefine(guest.vm_id)
-            drv.close()
 
 
 @pytest.fixture(scope="session")

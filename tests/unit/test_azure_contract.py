@@ -6,7 +6,6 @@ The fake's self-signed certificate is passed as ``ca_bundle`` (azure-core's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
@@ -27,7 +26,6 @@ from novacron.errors import (
     NoCapacity,
     NotFound,
     NotSupported,
-    NovaCronError,
     QuotaExceeded,
     StaleEpoch,
     Unauthenticated,
@@ -35,6 +33,7 @@ from novacron.errors import (
 from novacron.states import VMState
 from tests.contract.driver_contract import DriverContract
 from tests.fakes.azure_arm import ArmFake
+from tests.fakes.env import DriverEnv
 
 pytest_plugins = ["tests.fakes.plugin"]
 
@@ -54,13 +53,16 @@ def write_token(path: Path, token: str, expires_on: float | None = None) -> Path
     return path
 
 
-class Env:
+class Env(DriverEnv[AzureDriver]):
     """Builds drivers on unique hosts against the fake; deletes what they made."""
 
+    driver_class = AzureDriver
+    prefix = "az"
+
     def __init__(self, fake: ArmFake, state: Path, tmp: Path) -> None:
+        super().__init__(fake, state)
         self.fake, self.state, self.tmp = fake, state, tmp
         self.token = write_token(tmp / "token.json", "arm-token")
-        self.drivers: list[AzureDriver] = []
 
     def config(self, **over: Any) -> dict[str, Any]:
         return {"subscription_id": self.fake.subscription, "resource_group": GROUP,
@@ -73,23 +75,6 @@ class Env:
                 "poll_interval_s": 0.01, "max_attempts": 4, "retry_backoff_factor": 0.01,
                 "credential_check_interval_s": 0, **over}
 
-    def driver(self, host: str | None = None, connect: bool = True, **over: Any) -> AzureDriver:
-        drv = AzureDriver(host or f"az-{uuid.uuid4().hex[:8]}", None, self.config(**over),
-                          self.state)
-        self.drivers.append(drv)
-        if connect:
-            drv.connect()
-        return drv
-
-    def cleanup(self) -> None:
-        self.fake.reset()
-        for drv in self.drivers:
-            with contextlib.suppress(NovaCronError):
-                for guest in drv.list():
-                    with contextlib.suppress(NovaCronError):
-                        drv.stop(guest.vm_id, force=True)
-                        drv.undefine(guest.vm_id)
-            drv.close()
 
 
 @pytest.fixture

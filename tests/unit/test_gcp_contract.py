@@ -7,7 +7,6 @@ with the same options, so nothing leaves 127.0.0.1.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import uuid
@@ -34,6 +33,7 @@ from novacron.errors import (
 )
 from novacron.states import VMState
 from tests.contract.driver_contract import DriverContract
+from tests.fakes.env import DriverEnv
 from tests.fakes.gce import GceFake
 
 pytest_plugins = ["tests.fakes.plugin"]
@@ -46,12 +46,15 @@ def gcp_state(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("gcp-state")
 
 
-class Env:
+class Env(DriverEnv[GcpDriver]):
     """Builds drivers on unique hosts against the fake; deletes what they made."""
 
+    driver_class = GcpDriver
+    prefix = "gcp"
+
     def __init__(self, fake: GceFake, state: Path, tmp: Path) -> None:
+        super().__init__(fake, state)
         self.fake, self.state, self.tmp = fake, state, tmp
-        self.drivers: list[GcpDriver] = []
 
     def config(self, **over: Any) -> dict[str, Any]:
         return {"project": self.fake.project, "zone": ZONE, "endpoint_url": self.fake.url,
@@ -60,23 +63,6 @@ class Env:
                 "poll_interval_s": 0.01, "retry_initial_s": 0.01, "retry_timeout_s": 5,
                 "credential_check_interval_s": 0, "page_size": 100, **over}
 
-    def driver(self, host: str | None = None, connect: bool = True, **over: Any) -> GcpDriver:
-        drv = GcpDriver(host or f"gcp-{uuid.uuid4().hex[:8]}", None, self.config(**over),
-                        self.state)
-        self.drivers.append(drv)
-        if connect:
-            drv.connect()
-        return drv
-
-    def cleanup(self) -> None:
-        self.fake.reset()
-        for drv in self.drivers:
-            with contextlib.suppress(NovaCronError):
-                for guest in drv.list():
-                    with contextlib.suppress(NovaCronError):
-                        drv.stop(guest.vm_id, force=True)
-                        drv.undefine(guest.vm_id)
-            drv.close()
 
 
 @pytest.fixture
