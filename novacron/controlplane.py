@@ -503,7 +503,7 @@ class ControlPlane:
         if source.state == HostState.UNREACHABLE:
             raise InvalidTransition(f"source host {source.name} is unreachable",
                                     details={"host": source.name})
-        rules.check_supported(req.mode, req.policy, {source.driver, target.driver})
+        rules.check_supported(req.mode, req.policy, source.driver, target.driver)
         return source, target
 
     def create_migration(self, vm_id: str, req: MigrationCreate) -> Migration:

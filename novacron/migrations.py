@@ -1,17 +1,14 @@
 """Migration rules without Ray or a store: limits, timeouts, progress, what a driver can do.
 
 The control plane (``novacron.controlplane``) applies them to records and the MigrationActor
-(``actors/migration.py``) to the passes it runs.
+(``actors/migration/``) to the passes it runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from functools import cache
-from pathlib import Path
+from dataclasses import dataclass
 
-from novacron.drivers.base import Capability
-from novacron.drivers.sim import SimDriver
 from novacron.errors import NotSupported
 from novacron.migration.costmodel import Prediction, Workload, predict
 from novacron.migration.precopy import PrecopyPolicy
@@ -27,32 +24,52 @@ _MIB = 1024**2
 _GIB = 1024**3
 
 
-def required_capability(mode: str) -> Capability:
-    """The driver capability a migration mode needs on both hosts."""
-    return Capability.COLD_MIGRATION if mode == "cold" else Capability.LIVE_MIGRATION
+@dataclass(frozen=True)
+class Path:
+    """How a migration between two kinds of host runs: the run that implements it
+    (``actors/migration/<name>.py``), the modes it can do and the policy options it honours."""
+
+    name: str
+    modes: frozenset[str]
+    options: frozenset[str] = frozenset()
 
 
-@cache
-def _sim_capabilities() -> frozenset[Capability]:
-    return SimDriver("probe", None, {}, Path("/nonexistent")).capabilities
+# (source driver, target driver) -> the path a migration between them takes
+PATHS: dict[tuple[str, str], Path] = {
+    ("sim", "sim"): Path("sim", frozenset({"cold", "warm", "live"})),
+}
+POLICY_OPTIONS = ("post_copy", "compress", "xbzrle")  # off by default; a path must honour them
 
 
-def check_supported(mode: str, policy: MigrationPolicy, drivers: Iterable[str]) -> None:
-    """NotSupported, saying why, for a mode or policy option NovaCron cannot run here."""
-    capability = required_capability(mode)
-    for name in drivers:
-        if name != "sim":
-            raise NotSupported(f"{mode} migration is implemented for sim hosts only; "
-                               f"this host uses the {name} driver",
-                               details={"driver": name, "mode": mode})
-        if capability not in _sim_capabilities():
-            raise NotSupported(f"the {name} driver cannot do {capability.value}",
-                               details={"driver": name, "capability": capability.value})
-    unsupported = [k for k in ("post_copy", "compress", "xbzrle") if getattr(policy, k)]
+def path_for(source_driver: str, target_driver: str, mode: str) -> str:
+    """The name of the path a ``mode`` migration from a ``source_driver`` host to a
+    ``target_driver`` host takes; NotSupported, saying what is possible, if there is none."""
+    path = PATHS.get((source_driver, target_driver))
+    if path is None:
+        pairs = ", ".join(f"{a} -> {b}" for a, b in PATHS)
+        raise NotSupported(f"NovaCron cannot migrate from a {source_driver} host to a "
+                           f"{target_driver} host (it can: {pairs})",
+                           details={"source_driver": source_driver,
+                                    "target_driver": target_driver})
+    if mode not in path.modes:
+        raise NotSupported(f"{mode} migration from a {source_driver} host to a {target_driver} "
+                           f"host is not possible; use {' or '.join(sorted(path.modes))}",
+                           details={"source_driver": source_driver,
+                                    "target_driver": target_driver, "mode": mode})
+    return path.name
+
+
+def check_supported(mode: str, policy: MigrationPolicy, source_driver: str,
+                    target_driver: str) -> None:
+    """NotSupported, saying why, for a mode or policy option NovaCron cannot run between
+    these two kinds of host."""
+    path_for(source_driver, target_driver, mode)
+    options = PATHS[(source_driver, target_driver)].options
+    unsupported = [k for k in POLICY_OPTIONS if getattr(policy, k) and k not in options]
     if unsupported:
-        raise NotSupported(f"policy option(s) {', '.join(unsupported)} are not implemented: sim "
-                           "hosts copy pages directly between their memory files",
-                           details={"options": unsupported})
+        raise NotSupported(f"policy option(s) {', '.join(unsupported)} are not available for "
+                           f"{mode} migration from a {source_driver} host to a {target_driver} "
+                           "host", details={"options": unsupported})
 
 
 def can_admit(migration: Migration, others: Iterable[Migration]) -> bool:

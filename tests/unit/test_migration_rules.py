@@ -64,13 +64,22 @@ def test_timeouts_and_progress_never_go_back() -> None:
 
 
 def test_refused_modes_and_options_say_why() -> None:
-    rules.check_supported("live", MigrationPolicy(auto_converge=True), {"sim"})
-    rules.check_supported("cold", MigrationPolicy(), {"sim"})
-    rules.check_supported("warm", MigrationPolicy(), {"sim"})
-    with pytest.raises(NotSupported, match="sim hosts only"):
-        rules.check_supported("live", MigrationPolicy(), {"sim", "libvirt"})
+    rules.check_supported("live", MigrationPolicy(auto_converge=True), "sim", "sim")
+    rules.check_supported("cold", MigrationPolicy(), "sim", "sim")
+    rules.check_supported("warm", MigrationPolicy(), "sim", "sim")
+    assert rules.path_for("sim", "sim", "live") == "sim"
+    with pytest.raises(NotSupported, match="from a sim host to a nope host") as refused:
+        rules.check_supported("live", MigrationPolicy(), "sim", "nope")
+    assert refused.value.details == {"source_driver": "sim", "target_driver": "nope"}
     with pytest.raises(NotSupported, match="compress, xbzrle"):
-        rules.check_supported("live", MigrationPolicy(compress=True, xbzrle=True), {"sim"})
+        rules.check_supported("live", MigrationPolicy(compress=True, xbzrle=True), "sim", "sim")
+
+
+def test_a_path_refuses_the_modes_it_cannot_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(rules.PATHS, ("sim", "cloud"), rules.Path("import", frozenset({"cold"})))
+    assert rules.path_for("sim", "cloud", "cold") == "import"
+    with pytest.raises(NotSupported, match=r"live migration .* not possible; use cold"):
+        rules.path_for("sim", "cloud", "live")
 
 
 def test_prediction_follows_the_cost_model() -> None:

@@ -1,0 +1,54 @@
+"""MigrationActor: one per migration, named ``mig:<id>``; runs the migration on a thread.
+
+The run's class depends on the pair of drivers (:data:`PATHS`, chosen by
+:func:`novacron.migrations.path_for`); :mod:`actors.migration.run` holds what they share.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from typing import Any
+
+import ray
+
+from actors import names
+from actors.migration.run import Run
+from actors.migration.sim import SimRun
+from novacron import migrations as rules
+from novacron.errors import NovaCronError
+from novacron.states import MigrationPhase
+
+log = logging.getLogger("novacron.actors.migration")
+
+PATHS: dict[str, type[Run]] = {"sim": SimRun}
+
+
+class MigrationActor:
+    """Runs one migration on a thread from its creation (or restart) to its end."""
+
+    def __init__(self, migration_id: str, namespace: str, state_dir: str) -> None:
+        self.migration_id = migration_id
+        self.state_dir = state_dir
+        self.controller = ray.get_actor(names.CONTROLLER, namespace=namespace)
+        threading.Thread(target=self._main, name="migration", daemon=True).start()
+
+    def pid(self) -> int:
+        """This actor's process id (tests use it to see a restart)."""
+        return os.getpid()
+
+    def _main(self) -> None:
+        try:
+            ref: Any = self.controller.migration_context.remote(self.migration_id)
+            context: dict[str, Any] = ray.get(ref)
+            path = rules.path_for(context["source"]["driver"], context["target"]["driver"],
+                                  context["migration"]["mode"])
+        except NovaCronError as exc:  # refused up front, unless the hosts changed since
+            ray.get(self.controller.migration_end.remote(
+                self.migration_id, MigrationPhase.FAILED.value, exc.message, {}))
+            return
+        try:
+            PATHS[path](self.migration_id, self.controller, self.state_dir, context).run()
+        except Exception:
+            log.exception("migration %s: the run failed", self.migration_id)

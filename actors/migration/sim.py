@@ -1,0 +1,192 @@
+"""Migration between two sim hosts: their guests' memory, generation maps and disks are files.
+
+Cold: stop the guest, delta-sync its disk image, start it on the target. Warm: delta-sync the
+disk while the guest runs (up to three passes), then stop it, sync the rest and start it on the
+target (memory is not moved: the guest boots again). Live: delta-sync the disk while the guest
+runs, pre-copy its memory pass after pass (first every page ever written, then the pages dirtied
+meanwhile, from the guest's write generations) until the rest fits the downtime limit at the
+measured rate (:func:`novacron.migration.precopy.decide`, with auto-converge throttling the guest
+as an option), then pause it, copy the last dirty pages, the generations, the control header and
+the disk delta, and start it ``--incoming`` on the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from actors.migration.run import MIB, P, Run, Stop
+from actors.sync_tasks import sync_file
+from novacron import migrations as rules
+from novacron.drivers.base import GuestInfo
+from novacron.drivers.sim import SimDriver, dirty_pages, read_generations
+from novacron.errors import NotSupported
+from novacron.migration.delta import SyncCheckpoint, SyncReport
+from novacron.migration.pages import PAGE_SIZE, copy_pages, memory_digest
+from novacron.migration.precopy import Action, PassReport, PrecopyState, decide
+from novacron.states import VMState
+
+log = logging.getLogger("novacron.actors.migration.sim")
+
+_WARM_PASSES = 3  # disk passes of a warm migration while the guest runs
+_WARM_REST = 4 * MIB  # a pass that sent less leaves a rest small enough to stop for
+
+
+class SimRun(Run):
+    """Cold, warm and live migration between two sim hosts."""
+
+    modes = frozenset({"cold", "warm", "live"})
+    src: SimDriver
+    dst: SimDriver
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.disk_bytes = 0
+        self.disk_digest: str | None = None
+        self.disk_written: int | None = None  # the guest's disk byte counter when a sync began
+
+    def prepare_target(self) -> None:
+        if self.m.mode == "live" and (self.node_of(self.source_host)
+                                      != self.node_of(self.target_host)):
+            raise NotSupported("live migration between two Ray nodes needs a page stream, "
+                               "which is not implemented; use cold")
+        super().prepare_target()
+
+    def transfer(self) -> None:
+        {"cold": self._cold, "warm": self._warm, "live": self._live}[self.m.mode]()
+        self.outcome["disk_bytes_sent"] = self.disk_bytes
+
+    def start_on_target(self, epoch: int, desired: str) -> GuestInfo:
+        if self.m.mode == "live":
+            return self.dst.start_incoming(self.vm.id, epoch)
+        if desired in ("running", "paused"):
+            return self.dst.start(self.vm.id, epoch)
+        return self.dst.get(self.vm.id)
+
+    def restore_source(self, desired: str) -> None:
+        info = self.src.get(self.vm.id)
+        if info.state in (VMState.RUNNING, VMState.PAUSED):
+            self.src.set_workload(self.vm.id, throttle_pct=0.0)
+        if info.state == VMState.PAUSED and desired == "running":
+            self.src.resume(self.vm.id)
+
+    def _sync_disk(self, low: float, high: float) -> SyncReport:
+        """Delta-sync the disk image to the target, progress moving from ``low`` to ``high``."""
+        src = self.src.memory_paths(self.vm.id).disk
+        dst = self.dst.memory_paths(self.vm.id).disk
+        nodes = {str(h.name): self.node_of(h) for h in (self.source_host, self.target_host)}
+
+        def on_checkpoint(state: SyncCheckpoint) -> None:
+            share = len(state.done) / max(1, state.geometry.n_ranges)
+            self.report(low + (high - low) * share,
+                         bytes_remaining=int(state.geometry.image_size * (1 - share)))
+
+        report = sync_file(src, dst, parallelism=1, source_host=self.source_host.name,
+                           target_host=self.target_host.name, host_nodes=nodes,
+                           bandwidth_cap=self.bucket.rate if self.bucket else None,
+                           on_checkpoint=on_checkpoint, durable=False)
+        self.disk_bytes += report.bytes_sent
+        self.disk_digest = report.image_digest
+        self.report(high, bytes_sent=self.progress.bytes_sent + report.bytes_sent)
+        return report
+
+    def _cold(self) -> None:
+        self.enter(P.SYNCING_DISK)
+        self._stop_and_sync(5.0, 95.0)
+
+    def _stop_and_sync(self, low: float, high: float) -> None:
+        """Stop the guest on the source (its downtime starts) and sync its whole disk."""
+        self.downtime_from = time.monotonic()
+        if self.src.get(self.vm.id).state != VMState.STOPPED:
+            self.src.stop(self.vm.id, timeout_s=30.0)
+        report = self._sync_disk(low, high)
+        if not report.verified:
+            raise Stop(P.FAILED, "the disk image changed while the guest was stopped")
+        self.save(checkpoint={"disk_digest": report.image_digest})
+
+    def _warm(self) -> None:
+        if self.enter(P.SYNCING_DISK):
+            for n in range(_WARM_PASSES):  # while it runs: each pass sends what it wrote since
+                report = self._sync_disk(5.0 + 20.0 * n, 25.0 + 20.0 * n)
+                if report.bytes_sent < _WARM_REST:
+                    break
+        self.enter(P.STOP_AND_COPY)
+        self._stop_and_sync(85.0, 97.0)
+
+    def _live(self) -> None:
+        if self.enter(P.SYNCING_DISK):
+            self.disk_written = self.src.read_status(self.vm.id).disk_bytes_written
+            self._sync_disk(3.0, 25.0)
+        self.enter(P.PRECOPY)
+        src_paths = self.src.memory_paths(self.vm.id)
+        dst_paths = self.dst.prepare_incoming(self.vm.id)
+        policy = rules.precopy_policy(self.m.policy)
+        state = PrecopyState()
+        before = read_generations(src_paths.generations)
+        pages = np.flatnonzero(before)
+        total = max(1, len(pages))
+        sent = self.progress.bytes_sent
+
+        def counted(nbytes: int) -> None:
+            nonlocal sent
+            sent += nbytes
+            self.report(self.progress.percent, bytes_sent=sent)
+
+        while True:
+            result = copy_pages(src_paths.memory, dst_paths.memory, pages, bucket=self.bucket,
+                                on_batch=counted)
+            after = read_generations(src_paths.generations)
+            dirty = dirty_pages(before, after)
+            before = after
+            dirty_bytes = len(dirty) * PAGE_SIZE
+            rate = result.rate or self.progress.rate or 1.0
+            step = decide(policy, state, PassReport(result.bytes, result.seconds, dirty_bytes),
+                          device_state_bytes=PAGE_SIZE, bandwidth=rate)
+            state = step.state
+            converged = 1 - min(1.0, len(dirty) / total)
+            self.report(25.0 + 60.0 * converged, iteration=state.passes, rate=rate,
+                         dirty_rate=dirty_bytes / max(result.seconds, 1e-3),
+                         bytes_remaining=dirty_bytes, eta_s=dirty_bytes / rate,
+                         throttle_pct=state.throttle_pct)
+            self.check(time.monotonic())
+            if step.action == Action.STOP_AND_COPY or self.forced():
+                break
+            if step.action == Action.ABORT:
+                raise Stop(P.FAILED, f"pre-copy did not converge: {step.reason}")
+            if step.action == Action.THROTTLE:
+                self.src.set_workload(self.vm.id, throttle_pct=float(state.throttle_pct))
+                log.info("migration %s: throttled the guest to %d %% (%s)", self.id,
+                         state.throttle_pct, step.reason)
+            pages = dirty
+        self._stop_and_copy(before, dirty, expected_downtime=step.expected_downtime_s)
+
+    def _stop_and_copy(self, before: Any, pending: Any, *, expected_downtime: float) -> None:
+        """Pause the source; copy ``pending`` (dirty, not sent yet) and whatever was written
+        since generation snapshot ``before``, then the generations, header and disk delta."""
+        self.enter(P.STOP_AND_COPY)
+        src_paths = self.src.memory_paths(self.vm.id)
+        dst_paths = self.dst.memory_paths(self.vm.id)
+        self.downtime_from = time.monotonic()
+        self.src.pause(self.vm.id)  # returns once the guest is frozen
+        final = read_generations(src_paths.generations)
+        dirty = np.union1d(pending, dirty_pages(before, final))
+        result = copy_pages(src_paths.memory, dst_paths.memory, dirty)
+        dst_paths.generations.write_bytes(final.tobytes())
+        dst_paths.control.write_bytes(src_paths.control.read_bytes())
+        written = self.src.read_status(self.vm.id).disk_bytes_written
+        if written != self.disk_written:  # it wrote to its disk since the sync began
+            self._sync_disk(90.0, 97.0)
+        outcome: dict[str, Any] = {"disk_digest": self.disk_digest,
+                                   "final_pages": int(result.pages),
+                                   "expected_downtime_ms": round(expected_downtime * 1000, 1)}
+        if self.m.policy.verify:
+            outcome["memory_digest"] = memory_digest(src_paths.memory)
+            if memory_digest(dst_paths.memory) != outcome["memory_digest"]:
+                raise Stop(P.FAILED, "target memory differs from the paused source's")
+        self.save(outcome=outcome)
+        self.report(97.0, bytes_sent=self.progress.bytes_sent + result.bytes,
+                     bytes_remaining=0, eta_s=0.0)
+
