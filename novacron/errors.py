@@ -17,7 +17,7 @@ one place (``serve/errors.py``). Nothing returns status dicts or falls back sile
     ├── NoCapacity                no host can take the request (details say why)
     ├── QuotaExceeded             a tenant quota would be exceeded
     ├── NotSupported              a driver lacks a capability (the message says which and why)
-    ├── AuthError
+    ├── AuthError                 the caller's credentials, or a provider refused NovaCron's
     │   ├── Unauthenticated       no or bad credentials
     │   └── Forbidden             authenticated but not allowed
     ├── StoreError                the durable store cannot be used safely
@@ -26,6 +26,7 @@ one place (``serve/errors.py``). Nothing returns status dicts or falls back sile
     │   └── SchemaTooNew          written by a newer NovaCron; never touched
     ├── DriverError               a hypervisor or cloud call failed
     │   ├── HostUnreachable       the host or its API cannot be reached
+    │   ├── Throttled             the provider kept throttling after the SDK's retries
     │   └── GuestError            the guest did not do what was asked
     ├── Unavailable               the control plane is not running or not ready
     └── OperationTimeout          an operation did not finish in time
@@ -102,6 +103,15 @@ class NotSupported(NovaCronError):
 
 
 class AuthError(NovaCronError):
+    """Credentials were missing, bad or not allowed.
+
+    Raised for the API caller's own credentials (HTTP 401/403), and by drivers when a hypervisor
+    or cloud refused *NovaCron's* credentials for a host. A driver's auth error names the
+    ``provider`` in its details; the API answers it with 422 (the host's credential reference or
+    its permissions must change), never 401/403, which would tell the caller their own token
+    failed.
+    """
+
     code = "auth_error"
 
 
@@ -135,6 +145,13 @@ class DriverError(NovaCronError):
 
 class HostUnreachable(DriverError):
     code = "host_unreachable"
+
+
+class Throttled(DriverError):
+    """The provider kept throttling the calls after the SDK's own retries with backoff; the
+    same request may succeed later (HTTP 503)."""
+
+    code = "throttled"
 
 
 class GuestError(DriverError):

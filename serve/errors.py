@@ -31,6 +31,7 @@ STATUS: list[tuple[type[e.NovaCronError], int]] = [
     (e.StoreLocked, 503),
     (e.StoreError, 500),
     (e.HostUnreachable, 503),
+    (e.Throttled, 503),
     (e.DriverError, 502),
     (e.Unavailable, 503),
     (e.OperationTimeout, 504),
@@ -81,8 +82,13 @@ async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
     await response(scope, receive, send)
 
 
+PROVIDER_AUTH_STATUS = 422  # a provider refused NovaCron's credentials (see errors.AuthError)
+
+
 def status_of(exc: e.NovaCronError) -> int:
     """The HTTP status of a NovaCron error."""
+    if isinstance(exc, e.AuthError) and exc.details.get("provider"):
+        return PROVIDER_AUTH_STATUS
     for cls, status in STATUS:
         if isinstance(exc, cls):
             return status

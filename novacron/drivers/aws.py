@@ -89,6 +89,7 @@ from novacron.errors import (
     NovaCronError,
     OperationTimeout,
     QuotaExceeded,
+    Throttled,
     Unauthenticated,
 )
 from novacron.states import VMState
@@ -174,7 +175,7 @@ ERRORS: Mapping[str, type[NovaCronError]] = {
     "InternalFailure": HostUnreachable,
     "ServiceUnavailable": HostUnreachable,
     "Unavailable": HostUnreachable,
-    **dict.fromkeys(THROTTLE_CODES, HostUnreachable),
+    **dict.fromkeys(THROTTLE_CODES, Throttled),
 }
 
 _VCPU_QUOTA = ("ec2", "L-1216C47A")  # Running On-Demand Standard (A, C, D, H, I, M, R, T, Z)
@@ -206,14 +207,13 @@ def map_error(err: Exception, context: str, **details: Any) -> NovaCronError:
         code = str(error.get("Code", "Unknown"))
         request_id = meta.get("RequestId") or err.response.get("RequestID")
         cls = ERRORS.get(code, DriverError)
-        throttled = code in THROTTLE_CODES
         message = error.get("Message") or str(err)
-        if throttled:
+        if cls is Throttled:
             message = (f"AWS kept throttling the request after {meta.get('RetryAttempts', 0)} "
                        f"retries: {message}")
         return cls(f"{context}: {message} (AWS {code}, request {request_id})", details={
             **details, "provider": "aws", "provider_code": code, "request_id": request_id,
-            "http_status": meta.get("HTTPStatusCode"), "throttled": throttled})
+            "http_status": meta.get("HTTPStatusCode")})
     if isinstance(err, boto_errors.NoCredentialsError | boto_errors.PartialCredentialsError):
         return Unauthenticated(f"{context}: {err}", details={**details, "provider": "aws"})
     if isinstance(err, boto_errors.ProfileNotFound):
@@ -302,7 +302,8 @@ class AwsDriver(CloudDriver):
                         "aws_session_token": data.get("aws_session_token")}
             except KeyError as exc:
                 raise Unauthenticated(f"the aws credentials file {ref.path} lacks {exc}",
-                                      details={"driver": self.name}) from None
+                                      details={"driver": self.name,
+                                               "provider": self.name}) from None
             if self._watcher is not None:
                 self._watcher.expires_at = expiry_of(data, "expiration", "Expiration")
             return boto3.Session(region_name=self.region, **keys)
@@ -310,7 +311,7 @@ class AwsDriver(CloudDriver):
             missing = [n for n in _ENV[:2] if not os.environ.get(n)]
             if missing:
                 raise Unauthenticated(f"aws credentials from the environment need {missing}",
-                                      details={"driver": self.name})
+                                      details={"driver": self.name, "provider": self.name})
             return boto3.Session(region_name=self.region,
                                  aws_access_key_id=os.environ[_ENV[0]],
                                  aws_secret_access_key=os.environ[_ENV[1]],

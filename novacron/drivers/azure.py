@@ -86,6 +86,7 @@ from novacron.errors import (
     OperationTimeout,
     QuotaExceeded,
     RevisionMismatch,
+    Throttled,
     Unauthenticated,
 )
 from novacron.states import VMState
@@ -172,11 +173,11 @@ ERRORS: Mapping[str, type[NovaCronError]] = {
     "InternalExecutionError": HostUnreachable,
     "ServiceUnavailable": HostUnreachable,
     "GatewayTimeout": HostUnreachable,
-    **dict.fromkeys(THROTTLE_CODES, HostUnreachable),
+    **dict.fromkeys(THROTTLE_CODES, Throttled),
 }
 STATUSES: Mapping[int, type[NovaCronError]] = {
     400: InvalidRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound, 409: Conflict,
-    412: RevisionMismatch, 429: HostUnreachable, 500: HostUnreachable, 502: HostUnreachable,
+    412: RevisionMismatch, 429: Throttled, 500: HostUnreachable, 502: HostUnreachable,
     503: HostUnreachable, 504: HostUnreachable}
 
 MONITOR_API_VERSION = "2023-10-01"
@@ -207,13 +208,13 @@ def map_error(err: Exception, context: str, **details: Any) -> NovaCronError:
         message = str(err.error.message if err.error and err.error.message else err.message)
         headers = getattr(err.response, "headers", None) or {}
         request_id = headers.get("x-ms-request-id")
-        throttled = code in THROTTLE_CODES
-        if throttled:
-            message = f"Azure kept throttling the request: {message}"
         cls = ERRORS.get(code, STATUSES.get(int(err.status_code), DriverError))
+        if code in THROTTLE_CODES or err.status_code == 429:
+            cls = Throttled
+            message = f"Azure kept throttling the request: {message}"
         return cls(f"{context}: {message} (Azure {code}, request {request_id})", details={
             **base, "provider_code": code, "request_id": request_id,
-            "http_status": err.status_code, "throttled": throttled})
+            "http_status": err.status_code})
     if isinstance(err, ClientAuthenticationError | azure.identity.CredentialUnavailableError):
         return Unauthenticated(f"{context}: {err}", details=base)
     if isinstance(err, ServiceResponseError):
@@ -262,7 +263,7 @@ class _TokenFile:
         self._on_expiry(expires)
         if "access_token" not in data:
             raise Unauthenticated(f"the azure token file {self._path} lacks access_token",
-                                  details={"driver": "azure"})
+                                  details={"driver": "azure", "provider": "azure"})
         return AccessToken(str(data["access_token"]), int(expires or 0))
 
 
@@ -339,7 +340,8 @@ class AzureDriver(CloudDriver):
                     str(data["tenant_id"]), str(data["client_id"]), str(data["client_secret"]))
             except KeyError as exc:
                 raise Unauthenticated(f"the azure credentials file {ref.path} lacks {exc}",
-                                      details={"driver": self.name}) from None
+                                      details={"driver": self.name,
+                                               "provider": self.name}) from None
         return _TokenFile(ref.path, self._note_expiry)
 
     def _note_expiry(self, expires_at: float | None) -> None:

@@ -377,14 +377,16 @@ def read_json_file(path: Path, provider: str) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except OSError as exc:
         raise Unauthenticated(f"cannot read the {provider} credentials file {path}: "
-                              f"{exc.strerror}", details={"driver": provider,
+                              f"{exc.strerror}", details={"driver": provider, "provider": provider,
                                                           "path": str(path)}) from None
     except ValueError as exc:
         raise Unauthenticated(f"the {provider} credentials file {path} is not JSON: {exc}",
-                              details={"driver": provider, "path": str(path)}) from None
+                              details={"driver": provider, "provider": provider,
+                                       "path": str(path)}) from None
     if not isinstance(data, dict):
         raise Unauthenticated(f"the {provider} credentials file {path} must hold an object",
-                              details={"driver": provider, "path": str(path)})
+                              details={"driver": provider, "provider": provider,
+                                       "path": str(path)})
     return data
 
 
@@ -488,7 +490,7 @@ class ProviderHealth:
             self._errors.append(now)
             if isinstance(error, AuthError):
                 self._credentials_ok = False
-            elif isinstance(error, HostUnreachable) and not error.details.get("throttled"):
+            elif isinstance(error, HostUnreachable):
                 self._reachable = False
             else:
                 self._reachable = True

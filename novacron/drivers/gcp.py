@@ -84,6 +84,7 @@ from novacron.errors import (
     NovaCronError,
     OperationTimeout,
     QuotaExceeded,
+    Throttled,
     Unauthenticated,
 )
 from novacron.states import VMState
@@ -136,7 +137,7 @@ REASONS: Mapping[str, type[NovaCronError]] = {
     "insufficientPermissions": Forbidden,
     "accessNotConfigured": Forbidden,
     "backendError": HostUnreachable,
-    **dict.fromkeys(THROTTLE_REASONS, HostUnreachable),
+    **dict.fromkeys(THROTTLE_REASONS, Throttled),
 }
 # Error code of a failed GCE operation -> NovaCron error.
 OPERATION_CODES: Mapping[str, type[NovaCronError]] = {
@@ -153,7 +154,7 @@ OPERATION_CODES: Mapping[str, type[NovaCronError]] = {
 # HTTP status -> NovaCron error, when the reason is not in REASONS.
 STATUSES: Mapping[int, type[NovaCronError]] = {
     400: InvalidRequest, 401: Unauthenticated, 403: Forbidden, 404: NotFound, 409: Conflict,
-    412: Conflict, 429: HostUnreachable, 500: HostUnreachable, 502: HostUnreachable,
+    412: Conflict, 429: Throttled, 500: HostUnreachable, 502: HostUnreachable,
     503: HostUnreachable, 504: HostUnreachable}
 
 _OWN_KEYS = frozenset({"project", "zone", "network", "subnetwork", "retry_initial_s",
@@ -236,12 +237,11 @@ def map_error(err: Exception, context: str, **details: Any) -> NovaCronError:
             code = _reason(err) or str(err.code)
             cls = REASONS.get(code, STATUSES.get(int(err.code or 0), DriverError))
             message, request_id, status = err.message, _request_id(err), int(err.code or 0)
-        throttled = code in THROTTLE_REASONS or status == 429
-        if throttled:
+        if code in THROTTLE_REASONS or status == 429:
+            cls = Throttled
             message = f"GCP kept throttling the request: {message}"
         return cls(f"{context}: {message} (GCP {code}, request {request_id})", details={
-            **base, "provider_code": code, "request_id": request_id, "http_status": status,
-            "throttled": throttled})
+            **base, "provider_code": code, "request_id": request_id, "http_status": status})
     if isinstance(err, google.auth.exceptions.DefaultCredentialsError
                   | google.auth.exceptions.RefreshError):
         return Unauthenticated(f"{context}: {err}", details=base)
@@ -309,7 +309,7 @@ class GcpDriver(CloudDriver):
             if not value:
                 raise Unauthenticated("gcp credentials from the environment need "
                                       "GOOGLE_APPLICATION_CREDENTIALS",
-                                      details={"driver": self.name})
+                                      details={"driver": self.name, "provider": self.name})
             return Path(value)
         return None
 

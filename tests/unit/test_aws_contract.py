@@ -23,7 +23,6 @@ from novacron.drivers.base import Capability, Driver, GuestConfig, driver_class
 from novacron.drivers.cloud import tag_key
 from novacron.errors import (
     Forbidden,
-    HostUnreachable,
     InvalidRequest,
     InvalidTransition,
     NoCapacity,
@@ -33,9 +32,11 @@ from novacron.errors import (
     OperationTimeout,
     QuotaExceeded,
     StaleEpoch,
+    Throttled,
     Unauthenticated,
 )
 from novacron.states import VMState
+from serve.errors import status_of
 from tests.contract.driver_contract import DriverContract
 from tests.fakes.env import DriverEnv
 from tests.fakes.moto_server import FaultProxy
@@ -268,9 +269,9 @@ def test_throttling_storm_is_absorbed_by_botocore_retries(env: Env) -> None:
 def test_throttling_beyond_the_retries_is_a_typed_error(env: Env) -> None:
     drv = env.driver(max_attempts=2)
     env.proxy.throttle(5, "DescribeInstances")
-    with pytest.raises(HostUnreachable, match="throttling") as info:
+    with pytest.raises(Throttled, match="throttling") as info:
         drv.list()
-    assert info.value.details["throttled"] is True
+    assert status_of(info.value) == 503
     assert info.value.details["provider_code"] == "RequestLimitExceeded"
     assert info.value.details["request_id"]
 
@@ -364,6 +365,7 @@ def test_bad_credentials_and_rotation(env: Env) -> None:
     with pytest.raises(Unauthenticated, match="AuthFailure") as info:
         drv.list()
     assert info.value.details["request_id"]
+    assert status_of(info.value) == 422  # NovaCron's AWS keys, not the API caller's token
     assert drv.health.snapshot()["provider_credentials_valid"] == 0.0
     write_keys(env.keys, "AKIDNOVACRON0002")  # rotated: picked up without a restart
     assert drv.list() == []
@@ -373,8 +375,9 @@ def test_bad_credentials_and_rotation(env: Env) -> None:
 def test_missing_credentials_file(env: Env) -> None:
     drv = env.driver(connect=False,
                      credentials={"source": "file", "path": str(env.tmp / "nope.json")})
-    with pytest.raises(Unauthenticated, match=r"nope\.json"):
+    with pytest.raises(Unauthenticated, match=r"nope\.json") as info:
         drv.connect()
+    assert status_of(info.value) == 422
 
 
 def test_expiring_credentials_are_checked_at_every_call(env: Env) -> None:

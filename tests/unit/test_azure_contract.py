@@ -20,7 +20,6 @@ from novacron.drivers.base import Capability, Driver, GuestConfig, driver_class
 from novacron.drivers.cloud import instance_name, tag_key
 from novacron.errors import (
     AlreadyExists,
-    HostUnreachable,
     InvalidRequest,
     InvalidTransition,
     NoCapacity,
@@ -28,9 +27,11 @@ from novacron.errors import (
     NotSupported,
     QuotaExceeded,
     StaleEpoch,
+    Throttled,
     Unauthenticated,
 )
 from novacron.states import VMState
+from serve.errors import status_of
 from tests.contract.driver_contract import DriverContract
 from tests.fakes.azure_arm import ArmFake
 from tests.fakes.env import DriverEnv
@@ -248,9 +249,9 @@ def test_retry_after_is_honoured(env: Env) -> None:
 def test_throttling_beyond_the_retries_is_a_typed_error(env: Env) -> None:
     drv = env.driver(max_attempts=2)
     env.fake.throttle(10)
-    with pytest.raises(HostUnreachable, match="throttling") as info:
+    with pytest.raises(Throttled, match="throttling") as info:
         drv.list()
-    assert info.value.details["throttled"] is True
+    assert status_of(info.value) == 503
     assert info.value.details["provider_code"] == "TooManyRequests"
     assert info.value.details["request_id"]
 
@@ -323,6 +324,7 @@ def test_bad_token_then_rotation(env: Env) -> None:
     with pytest.raises(Unauthenticated, match="InvalidAuthenticationToken") as info:
         drv.list()
     assert info.value.details["request_id"]
+    assert status_of(info.value) == 422
     assert drv.health.snapshot()["provider_credentials_valid"] == 0.0
     write_token(env.token, "rotated-token")
     assert drv.list() == []

@@ -26,12 +26,16 @@ from novacron.drivers.cloud import (
     read_json_file,
 )
 from novacron.errors import (
+    Forbidden,
     HostUnreachable,
     InvalidRequest,
     NoCapacity,
     NotSupported,
+    NovaCronError,
+    Throttled,
     Unauthenticated,
 )
+from serve.errors import status_of
 
 TYPES = [InstanceType("small", 1, 1024), InstanceType("medium", 2, 4096),
          InstanceType("wide", 4, 4096), InstanceType("big", 8, 32768),
@@ -179,7 +183,7 @@ def test_provider_health() -> None:
     assert (snap["provider_calls_per_min"], snap["provider_throttled_per_min"]) == (2.0, 1.0)
     health.failed(HostUnreachable("down"))
     assert health.snapshot()["provider_api_reachable"] == 0.0
-    health.failed(HostUnreachable("busy", details={"throttled": True}))
+    health.failed(Throttled("busy"))
     assert health.snapshot()["provider_api_reachable"] == 1.0
     health.succeeded()
     now[0] = 120
@@ -197,3 +201,15 @@ def test_a_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch, driver: 
     monkeypatch.delitem(sys.modules, f"novacron.drivers.{driver}", raising=False)
     with pytest.raises(NotSupported, match=rf'pip install "novacron\[{driver}\]"'):
         importlib.import_module(f"novacron.drivers.{driver}")
+
+
+@pytest.mark.parametrize(("error", "status"), [
+    (Unauthenticated("bad token"), 401),  # the API caller's own
+    (Forbidden("no role"), 403),
+    (Unauthenticated("AWS AuthFailure", details={"provider": "aws"}), 422),  # NovaCron's keys
+    (Forbidden("AuthorizationFailed", details={"provider": "azure"}), 422),
+    (Throttled("rateLimitExceeded", details={"provider": "gcp"}), 503),
+])
+def test_provider_refusals_do_not_look_like_the_callers_auth(error: NovaCronError,
+                                                             status: int) -> None:
+    assert status_of(error) == status

@@ -21,7 +21,6 @@ from novacron.drivers.cloud import instance_name
 from novacron.drivers.gcp import STATES, GcpDriver, label
 from novacron.errors import (
     AlreadyExists,
-    HostUnreachable,
     InvalidRequest,
     InvalidTransition,
     NoCapacity,
@@ -29,9 +28,11 @@ from novacron.errors import (
     NovaCronError,
     QuotaExceeded,
     StaleEpoch,
+    Throttled,
     Unauthenticated,
 )
 from novacron.states import VMState
+from serve.errors import status_of
 from tests.contract.driver_contract import DriverContract
 from tests.fakes.env import DriverEnv
 from tests.fakes.gce import GceFake
@@ -205,9 +206,9 @@ def test_throttling_storm_is_absorbed_by_api_core_retry(env: Env) -> None:
 def test_throttling_past_the_deadline_is_a_typed_error(env: Env) -> None:
     drv = env.driver(retry_timeout_s=0.2, retry_initial_s=0.05)
     env.fake.throttle(10_000)
-    with pytest.raises(HostUnreachable, match="throttling") as info:
+    with pytest.raises(Throttled, match="throttling") as info:
         drv.list()
-    assert info.value.details["throttled"] is True
+    assert status_of(info.value) == 503
     assert info.value.details["provider_code"] == "rateLimitExceeded"
     assert info.value.details["request_id"]
 
@@ -272,6 +273,7 @@ def test_bad_token_then_rotation(env: Env) -> None:
     with pytest.raises(Unauthenticated, match="authError") as info:
         drv.connect()
     assert info.value.details["request_id"]
+    assert status_of(info.value) == 422
     write_token(token, "good-token")  # rotated
     drv.connect()
     assert drv.list() == []
