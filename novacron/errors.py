@@ -105,10 +105,10 @@ class NotSupported(NovaCronError):
 class AuthError(NovaCronError):
     """Credentials were missing, bad or not allowed.
 
-    Raised for the API caller's own credentials (HTTP 401/403), and by drivers when a hypervisor
-    or cloud refused *NovaCron's* credentials for a host. A driver's auth error names the
-    ``provider`` in its details; the API answers it with 422 (the host's credential reference or
-    its permissions must change), never 401/403, which would tell the caller their own token
+    Raised for the API caller's own credentials (HTTP 401/403), and by the cloud drivers when a
+    provider refused *NovaCron's* credentials for a host (or they could not be read). Those name
+    the ``provider`` in their details and the API answers them with 422: the host's credential
+    reference or its permissions must change; a 401/403 would tell the caller their own token
     failed.
     """
 
