@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -52,7 +53,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
@@ -65,6 +66,7 @@ from novacron.drivers.cloud import (
     CloudDriver,
     CredentialWatcher,
     Definition,
+    ImportProgress,
     Instance,
     InstanceType,
     check_vm_id,
@@ -613,22 +615,29 @@ class AwsDriver(CloudDriver):
                           net_tx_bytes=int(fields["net_tx_bytes"]))
 
     # -- image import -----------------------------------------------------------------------
-    def import_disk(self, vm_id: str, source: Path, *, name: str | None = None) -> str:
+    def import_disk(self, vm_id: str, source: Path, *, name: str | None = None,
+                    progress: ImportProgress | None = None) -> str:
         """Import the raw disk image ``source`` as guest ``vm_id``'s AMI; returns its id.
 
         Only blocks that differ from the last import of this guest's disk are sent (the first
-        time, every non-zero block). The previous AMI and snapshot are removed once the new AMI
-        is available; a failed import deletes the snapshot it started.
+        time, every block holding data: holes and all-zero blocks are skipped). ``progress``
+        is called after each block (see :meth:`CloudDriver.import_disk`). The previous AMI and
+        snapshot, and what an interrupted import left, are removed once the new AMI is
+        available; a failed or aborted import deletes the snapshot it started.
         """
         check_vm_id(vm_id)
-        size_gib = max(1, math.ceil(source.stat().st_size / _GIB))
-        digests = _block_digests(source)
+        context = f"import the disk of guest {vm_id}"
+        try:
+            size_gib = max(1, math.ceil(source.stat().st_size / _GIB))
+            digests = _block_digests(source)
+        except OSError as exc:
+            raise InvalidRequest(f"{context}: cannot read {source}: {exc.strerror}",
+                                 details={"vm_id": vm_id, "source": str(source)}) from None
         previous = self._last_import(vm_id, size_gib)
         before: list[str | None] = previous["digests"] if previous else []
         changed = [i for i, d in enumerate(digests)
                    if d != (before[i] if i < len(before) else None)]
         changed += [i for i in range(len(digests), len(before)) if before[i] is not None]
-        context = f"import the disk of guest {vm_id}"
         tags = [{"Key": tag_key(TAG_VM_ID), "Value": vm_id},
                 {"Key": tag_key(TAG_HOST), "Value": self.host}]
         parent = {"ParentSnapshotId": previous["snapshot_id"]} if previous else {}
@@ -637,25 +646,63 @@ class AwsDriver(CloudDriver):
                 VolumeSize=size_gib, Tags=tags, Description=name or f"NovaCron guest {vm_id}",
                 ClientToken=str(uuid.uuid4()), Timeout=60, **parent)["SnapshotId"]
         try:
-            self._send_blocks(source, snapshot, changed, context)
+            self._send_blocks(source, snapshot, changed, context, progress)
             with self._call(context, snapshot_id=snapshot):
                 self._client("ebs").complete_snapshot(SnapshotId=snapshot,
                                                       ChangedBlocksCount=len(changed))
                 self._client("ec2").get_waiter("snapshot_completed").wait(
                     SnapshotIds=[snapshot], WaiterConfig=self._waiter_config())
             image = self._register(vm_id, snapshot, context, tags)
-        except NovaCronError:
+        except BaseException:  # a provider error, or the caller aborting through progress
             with contextlib.suppress(NovaCronError), self._call(context, snapshot_id=snapshot):
                 self._client("ec2").delete_snapshot(SnapshotId=snapshot)
             raise
         write_atomic(self._imports / f"{vm_id}.json", json.dumps({
             "snapshot_id": snapshot, "image_id": image, "size_gib": size_gib,
             "digests": digests}))
-        if previous:
-            self._forget_import(previous, context)
+        try:
+            self._discard(vm_id, keep={snapshot, image})
+        except NovaCronError as exc:  # the import stands; the next one (or undefine) retries
+            log.warning("guest %s: could not remove older imports: %s", vm_id, exc.message)
         log.info("imported %s as %s (%d of %d blocks sent) for guest %s", source, image,
                  len(changed), len(digests), vm_id)
         return image
+
+    def discard_imports(self, vm_id: str) -> None:
+        """Deregister every AMI and delete every snapshot imported for guest ``vm_id`` on this
+        host (found by their tags, so an interrupted import's too) and forget the last one."""
+        self._discard(vm_id, keep=set())
+        (self._imports / f"{vm_id}.json").unlink(missing_ok=True)
+
+    def undefine(self, vm_id: str, *, delete_storage: bool = True) -> None:
+        """Delete the instance and the record; with ``delete_storage`` the guest's imported
+        AMIs and snapshots too."""
+        super().undefine(vm_id, delete_storage=delete_storage)
+        if delete_storage:
+            self.discard_imports(vm_id)
+
+    def _discard(self, vm_id: str, keep: set[str]) -> None:
+        """Remove the guest's imported AMIs and snapshots on this host but those in ``keep``."""
+        ec2 = self._client("ec2")
+        mine = [{"Name": f"tag:{tag_key(TAG_VM_ID)}", "Values": [vm_id]},
+                {"Name": f"tag:{tag_key(TAG_HOST)}", "Values": [self.host]}]
+        context = f"remove the imported images of guest {vm_id}"
+        with self._call(context, vm_id=vm_id):
+            images = [i["ImageId"] for i in ec2.describe_images(Owners=["self"],
+                                                                Filters=mine)["Images"]]
+            snapshots = [s["SnapshotId"]
+                         for page in ec2.get_paginator("describe_snapshots").paginate(
+                             OwnerIds=["self"], Filters=mine)
+                         for s in page["Snapshots"]]
+        for image in images:  # an AMI first: its snapshot cannot go while it is registered
+            if image not in keep:
+                with contextlib.suppress(NotFound), self._call(context, image_id=image):
+                    ec2.deregister_image(ImageId=image)
+                log.info("deregistered %s (imported for guest %s)", image, vm_id)
+        for snapshot in snapshots:
+            if snapshot not in keep:
+                with contextlib.suppress(NotFound), self._call(context, snapshot_id=snapshot):
+                    ec2.delete_snapshot(SnapshotId=snapshot)
 
     def _last_import(self, vm_id: str, size_gib: int) -> dict[str, Any] | None:
         """The record of this guest's last import, if its disk had the same size."""
@@ -665,21 +712,36 @@ class AwsDriver(CloudDriver):
             return None
         return record if record.get("size_gib") == size_gib else None
 
-    def _send_blocks(self, source: Path, snapshot: str, blocks: list[int], context: str) -> None:
+    def _send_blocks(self, source: Path, snapshot: str, blocks: list[int], context: str,
+                     progress: ImportProgress | None) -> None:
+        """Send ``blocks`` with ``import_workers`` in flight; ``progress`` after each."""
         ebs = self._client("ebs")
+        total = len(blocks) * EBS_BLOCK
 
-        def send(index: int) -> None:
-            with open(source, "rb") as f:
-                f.seek(index * EBS_BLOCK)
-                data = f.read(EBS_BLOCK).ljust(EBS_BLOCK, b"\0")
+        def send(fd: int, index: int) -> None:
+            data = os.pread(fd, EBS_BLOCK, index * EBS_BLOCK).ljust(EBS_BLOCK, b"\0")
             ebs.put_snapshot_block(
                 SnapshotId=snapshot, BlockIndex=index, BlockData=data, DataLength=EBS_BLOCK,
                 Checksum=base64.b64encode(hashlib.sha256(data).digest()).decode(),
                 ChecksumAlgorithm="SHA256")
 
-        with self._call(context, snapshot_id=snapshot), ThreadPoolExecutor(
-                self._import_workers) as pool:
-            list(pool.map(send, blocks))
+        sent = 0
+        pool = ThreadPoolExecutor(self._import_workers, thread_name_prefix="ebs-put")
+        with self._call(context, snapshot_id=snapshot), open(source, "rb") as f:
+            try:
+                pending: set[Future[None]] = set()
+                for n, index in enumerate(blocks, 1):
+                    pending.add(pool.submit(send, f.fileno(), index))
+                    while pending and (len(pending) >= 2 * self._import_workers
+                                       or n == len(blocks)):
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            future.result()
+                            sent += EBS_BLOCK
+                            if progress is not None:
+                                progress(sent, total)
+            finally:  # on an error or an abort, send no more than what is in flight
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _register(self, vm_id: str, snapshot: str, context: str,
                   tags: list[dict[str, str]]) -> str:
@@ -696,22 +758,33 @@ class AwsDriver(CloudDriver):
                                                   WaiterConfig=self._waiter_config())
         return str(image)
 
-    def _forget_import(self, previous: Mapping[str, Any], context: str) -> None:
-        """Remove the AMI and snapshot an older import left (running instances keep theirs)."""
-        ec2 = self._client("ec2")
-        with contextlib.suppress(NotFound), self._call(context, image_id=previous["image_id"]):
-            ec2.deregister_image(ImageId=previous["image_id"])
-        with contextlib.suppress(NotFound), self._call(context,
-                                                       snapshot_id=previous["snapshot_id"]):
-            ec2.delete_snapshot(SnapshotId=previous["snapshot_id"])
-
 
 def _block_digests(source: Path) -> list[str | None]:
-    """The SHA-256 of each 512 KiB block of ``source`` (zero-padded), None for all-zero ones."""
+    """The SHA-256 of each 512 KiB block of ``source`` (zero-padded), None for all-zero ones;
+    the holes of a sparse file are not read."""
     zero = bytes(EBS_BLOCK)
-    digests: list[str | None] = []
+    size = source.stat().st_size
+    digests: list[str | None] = [None] * math.ceil(size / EBS_BLOCK)
     with open(source, "rb") as f:
-        while block := f.read(EBS_BLOCK):
-            block = block.ljust(EBS_BLOCK, b"\0")
-            digests.append(None if block == zero else hashlib.sha256(block).hexdigest())
+        for index in _data_blocks(f.fileno(), size):
+            block = os.pread(f.fileno(), EBS_BLOCK, index * EBS_BLOCK).ljust(EBS_BLOCK, b"\0")
+            if block != zero:
+                digests[index] = hashlib.sha256(block).hexdigest()
     return digests
+
+
+def _data_blocks(fd: int, size: int) -> Iterator[int]:
+    """The indexes of the blocks of a file that hold data, as SEEK_DATA/SEEK_HOLE tell (a file
+    system that cannot tell holes reports all data)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole from offset to the end
+                return
+            raise
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        last = (end - 1) // EBS_BLOCK
+        yield from range(start // EBS_BLOCK, last + 1)
+        offset = (last + 1) * EBS_BLOCK

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlencode
 
-from novacron.drivers.base import GuestStats, register
+from novacron.drivers.base import Capability, GuestStats, register
 from novacron.drivers.cloud import (
     TAG_EPOCH,
     TAG_HOST,
@@ -316,6 +316,18 @@ class AzureDriver(CloudDriver):
             raise InvalidRequest(f"bad azure host config: {exc}",
                                  details={"driver": self.name}) from None
         self._client: Any = None
+
+    def missing_capabilities(self) -> dict[Capability, str]:
+        """The shared reasons; what importing a disk into Azure would take."""
+        reasons = super().missing_capabilities()
+        reasons[Capability.IMAGE_IMPORT] = (
+            "importing a disk into Azure means an upload-ready managed disk, a write SAS from "
+            "its grantAccess and the image sent as page-blob writes to Blob Storage, which the "
+            "azure driver (azure-mgmt-compute only) does not implement")
+        reasons[Capability.COLD_MIGRATION] = (
+            "VMs cannot be migrated into Azure (no image import: "
+            f"{reasons[Capability.IMAGE_IMPORT]}) nor out of it (no disk export)")
+        return reasons
 
     # -- clients ----------------------------------------------------------------------------
     def _credential_watcher(self) -> CredentialWatcher:

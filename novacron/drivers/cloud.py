@@ -111,6 +111,7 @@ _DEFINITION_FORMAT = 1
 _NONCE_NAMESPACE = uuid.UUID("3c1f7f0e-4b4a-4f7e-8d0c-6e6f76616372")
 
 CredentialSource = Literal["default", "env", "profile", "file", "anonymous"]
+ImportProgress = Callable[[int, int], None]  # (bytes sent, bytes to send) of an image import
 CREDENTIAL_SOURCES: tuple[CredentialSource, ...] = ("default", "env", "profile", "file",
                                                     "anonymous")
 
@@ -865,6 +866,22 @@ class CloudDriver(Driver):
             self._definition(vm_id)
             return GuestStats()
         return self._metrics(instance)
+
+    # -- image import (drivers with Capability.IMAGE_IMPORT override these) -----------------
+    def import_disk(self, vm_id: str, source: Path, *, name: str | None = None,
+                    progress: ImportProgress | None = None) -> str:
+        """Import the raw disk image ``source`` as an image of guest ``vm_id``; returns the
+        provider's image id, for the guest's :attr:`GuestConfig.image`. ``progress(sent,
+        total)`` is called with the bytes sent so far, on the calling thread; an exception it
+        raises aborts the import, which leaves nothing behind."""
+        self.require(Capability.IMAGE_IMPORT)
+        raise NotImplementedError(f"{self.name} declares image import but does not import")
+
+    def discard_imports(self, vm_id: str) -> None:
+        """Remove every image (and its storage) imported for guest ``vm_id`` on this host,
+        interrupted imports included; succeeds if there is none."""
+        self.require(Capability.IMAGE_IMPORT)
+        raise NotImplementedError(f"{self.name} declares image import but does not discard")
 
     # -- helpers ----------------------------------------------------------------------------
     def _definition(self, vm_id: str) -> Definition:

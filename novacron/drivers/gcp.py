@@ -294,6 +294,18 @@ class GcpDriver(CloudDriver):
         """Reboot (a hard reset) and pause (GCE suspend: memory kept on disk)."""
         return frozenset({Capability.REBOOT, Capability.PAUSE})
 
+    def missing_capabilities(self) -> dict[Capability, str]:
+        """The shared reasons; what importing a disk into Compute Engine would take."""
+        reasons = super().missing_capabilities()
+        reasons[Capability.IMAGE_IMPORT] = (
+            "importing a disk into Compute Engine means uploading it as disk.raw in a .tar.gz "
+            "to a Cloud Storage bucket and inserting an image from that object, which the gcp "
+            "driver (google-cloud-compute only, no Cloud Storage) does not implement")
+        reasons[Capability.COLD_MIGRATION] = (
+            "VMs cannot be migrated into GCP (no image import: "
+            f"{reasons[Capability.IMAGE_IMPORT]}) nor out of it (no disk export)")
+        return reasons
+
     # -- clients ----------------------------------------------------------------------------
     def _credential_watcher(self) -> CredentialWatcher:
         path = self._credentials_path()

@@ -10,7 +10,8 @@ The proxy forwards every request to moto and can, for EC2 query-protocol actions
 * answer Service Quotas for EC2 quota codes (moto knows only VPC's): the values set with
   :meth:`set_quota`, NoSuchResourceException for the rest,
 * honour RunInstances' ClientToken as EC2 does: a repeated token returns the first response
-  (moto ignores the token and would launch a second instance).
+  (moto ignores the token and would launch a second instance),
+* apply RegisterImage's image TagSpecifications as EC2 does (moto registers the AMI untagged).
 
 It counts the calls per action (:attr:`FaultProxy.calls`; a REST call counts as ``"PUT snapshots"``
 and the like). Known moto behaviour: the first EC2
@@ -36,7 +37,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 _ACCESS_KEY = re.compile(r"Credential=([^/]+)/")
 
@@ -187,6 +188,8 @@ class FaultProxy:
                 if token and status == 200:
                     with proxy._lock:
                         proxy._tokens.setdefault(token, (status, headers, payload))
+                if action == "RegisterImage" and status == 200:
+                    self._tag_image(form, payload)
                 if fault is not None:
                     time.sleep(fault.delay_s)
                 self._reply(status, headers, payload)
@@ -196,8 +199,8 @@ class FaultProxy:
                 if not hasattr(self, "upstream"):  # one moto connection per client connection
                     self.upstream = http.client.HTTPConnection(up.hostname or "127.0.0.1",
                                                                up.port, timeout=60)
-                headers = {k: v for k, v in self.headers.items()
-                           if k.lower() not in ("connection", "keep-alive")}
+                headers = {k: v for k, v in self.headers.items()  # length: from the body
+                           if k.lower() not in ("connection", "keep-alive", "content-length")}
                 try:
                     self.upstream.request(self.command, self.path, body=body, headers=headers)
                     response = self.upstream.getresponse()
@@ -209,6 +212,23 @@ class FaultProxy:
                         if k.lower() not in ("connection", "transfer-encoding",
                                              "content-length", "keep-alive")]
                 return response.status, kept, payload
+
+            def _tag_image(self, form: dict[str, list[str]], payload: bytes) -> None:
+                """Tag a registered AMI with the request's image TagSpecifications."""
+                image = re.search(rb"<imageId>([^<]+)</imageId>", payload)
+                specs = [k.split(".")[1] for k, v in form.items()
+                         if re.fullmatch(r"TagSpecification\.\d+\.ResourceType", k)
+                         and v == ["image"]]
+                keys = sorted(k for n in specs for k in form
+                              if k.startswith(f"TagSpecification.{n}.Tag.") and k.endswith(".Key"))
+                if image is None or not keys:
+                    return
+                create = {"Action": "CreateTags", "Version": form.get("Version", [""])[0],
+                          "ResourceId.1": image.group(1).decode()}
+                for i, key in enumerate(keys, 1):
+                    create[f"Tag.{i}.Key"] = form[key][0]
+                    create[f"Tag.{i}.Value"] = form.get(key[:-len("Key")] + "Value", [""])[0]
+                self._forward(urlencode(create).encode())
 
             def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
                 with contextlib.suppress(OSError):

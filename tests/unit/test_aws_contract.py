@@ -482,3 +482,69 @@ def test_failed_import_leaves_no_snapshot(env: Env) -> None:
     with pytest.raises(InvalidRequest, match="refused by test"):
         drv.import_disk(vm_id, disk)
     assert tagged_snapshots(env.proxy.url, vm_id) == []
+
+
+def tagged_images(url: str, vm_id: str) -> list[str]:
+    images = raw_client(url).describe_images(Owners=["self"], Filters=[
+        {"Name": f"tag:{tag_key('vm-id')}", "Values": [vm_id]}])["Images"]
+    return [str(i["ImageId"]) for i in images]
+
+
+def sparse_disk(path: Path, size: int, writes: dict[int, bytes]) -> Path:
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset, data in writes.items():
+            f.seek(offset)
+            f.write(data)
+    return path
+
+
+def test_only_blocks_with_data_are_read_and_sent(env: Env) -> None:
+    drv, vm_id = env.driver(), vm()
+    block = 512 * 1024
+    disk = sparse_disk(env.tmp / "disk.img", 1024**3, {  # 1 GiB, three blocks written
+        0: b"boot", 700 * block + 3: b"data", 2047 * block: b"end", 5 * block: bytes(100)})
+    seen: list[tuple[int, int]] = []
+    image = drv.import_disk(vm_id, disk, progress=lambda sent, total: seen.append((sent, total)))
+    assert snapshot_blocks(env.proxy.url, imported_snapshot(env.proxy.url, image)) == [
+        0, 700, 2047]  # block 5 holds only zeros: not sent either
+    assert seen == [(block, 3 * block), (2 * block, 3 * block), (3 * block, 3 * block)]
+    assert tagged_images(env.proxy.url, vm_id) == [image]
+
+
+def test_an_aborted_import_leaves_nothing(env: Env) -> None:
+    drv, vm_id = env.driver(import_workers=1), vm()
+    disk = sparse_disk(env.tmp / "disk.img", 8 * 1024**2,
+                       {i * 512 * 1024: b"x" for i in range(16)})
+
+    class Cancelled(Exception):
+        pass
+
+    def abort(sent: int, total: int) -> None:
+        if sent >= 2 * 512 * 1024:
+            raise Cancelled
+
+    with pytest.raises(Cancelled):
+        drv.import_disk(vm_id, disk, progress=abort)
+    assert env.proxy.calls["PUT snapshots"] <= 4  # at most what was in flight was sent on
+    assert tagged_snapshots(env.proxy.url, vm_id) == []
+    assert tagged_images(env.proxy.url, vm_id) == []
+
+
+def test_leftovers_of_an_interrupted_import_and_undefine_remove_every_import(env: Env) -> None:
+    drv, vm_id = env.driver(), vm()
+    tags = [{"Key": tag_key("vm-id"), "Value": vm_id}, {"Key": tag_key("host"), "Value": drv.host}]
+    left = raw_client(env.proxy.url, service="ebs").start_snapshot(VolumeSize=1, Tags=tags)
+    disk = sparse_disk(env.tmp / "disk.img", 1024**2, {0: b"boot"})
+    image = drv.import_disk(vm_id, disk)  # a killed import left a pending snapshot
+    snapshot = imported_snapshot(env.proxy.url, image)
+    assert tagged_snapshots(env.proxy.url, vm_id) == [snapshot] != [left["SnapshotId"]]
+    drv.define(guest(vm_id, image=image))
+    assert drv.start(vm_id, epoch=1).state == VMState.RUNNING
+    assert instances_of(env.proxy.url, vm_id)[0]["ImageId"] == image
+    drv.stop(vm_id, force=True)
+    drv.undefine(vm_id)  # the guest's storage: its instance, and the image it was imported as
+    assert instances_of(env.proxy.url, vm_id) == []
+    assert tagged_images(env.proxy.url, vm_id) == []
+    assert tagged_snapshots(env.proxy.url, vm_id) == []
+    drv.discard_imports(vm_id)  # idempotent

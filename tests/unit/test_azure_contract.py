@@ -114,6 +114,15 @@ def test_registered_without_pause(env: Env) -> None:
     assert "Azure cannot freeze" in drv.missing_capabilities()[Capability.PAUSE]
 
 
+def test_no_image_import_says_why(env: Env, tmp_path: Path) -> None:
+    drv = env.driver(connect=False)
+    assert "page-blob" in drv.missing_capabilities()[Capability.IMAGE_IMPORT]
+    assert "migrated into Azure" in drv.missing_capabilities()[Capability.COLD_MIGRATION]
+    with pytest.raises(NotSupported, match="page-blob") as info:
+        drv.import_disk(vm(), tmp_path / "disk.img")
+    assert info.value.details["capability"] == "image_import"
+
+
 @pytest.mark.parametrize(("config", "message"), [
     ({"subscription_id": None}, "subscription_id"),
     ({"resource_group": ""}, "resource_group"),

@@ -25,6 +25,7 @@ from novacron.errors import (
     InvalidTransition,
     NoCapacity,
     NotFound,
+    NotSupported,
     NovaCronError,
     QuotaExceeded,
     StaleEpoch,
@@ -105,6 +106,10 @@ def test_registered_with_pause_as_suspend(env: Env) -> None:
     assert driver_class("gcp") is GcpDriver
     drv = env.driver(connect=False)
     assert drv.capabilities == {Capability.REBOOT, Capability.PAUSE}
+    assert "Cloud Storage" in drv.missing_capabilities()[Capability.IMAGE_IMPORT]
+    assert "migrated into GCP" in drv.missing_capabilities()[Capability.COLD_MIGRATION]
+    with pytest.raises(NotSupported, match="Cloud Storage"):
+        drv.discard_imports("vm-x")
     assert STATES["SUSPENDED"] == VMState.PAUSED
     assert drv._parse(type("I", (), {"labels": {}, "last_start_timestamp": "",
                                      "creation_timestamp": "", "name": "x",
