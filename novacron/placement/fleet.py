@@ -8,8 +8,9 @@ A host's ``size`` is its mean share of the fleet's largest CPU, memory and disk 
 
 Adapters from :class:`novacron.model.Host`: the limit is ``Host.limit`` (capacity after overcommit);
 a host's hourly cost is ``config["cost_per_hour"]``; a cloud host lists the instance types it can
-start in ``config["instance_types"]`` (or the ``instance_types`` argument); hosts dedicated to some
-tenants carry the label :data:`TENANTS_LABEL` (comma separated tenant names).
+start in ``config["instance_types"]`` (or the ``instance_types`` argument; the glob patterns a
+cloud driver takes there are not types); hosts dedicated to some tenants carry the label
+:data:`TENANTS_LABEL` (comma separated tenant names).
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def _resources(column: FloatArray) -> Resources:
 
 
 def _instance_types(host: Host) -> tuple[InstanceType, ...]:
-    raw = host.config.get("instance_types") or ()
+    # Strings there are the cloud driver's glob patterns of the types it may start
+    # (novacron.drivers.cloud), not shapes placement could size: only mappings are.
+    raw = [t for t in host.config.get("instance_types") or () if not isinstance(t, str)]
     try:
         return tuple(InstanceType(**item) if isinstance(item, Mapping) else item for item in raw)
     except TypeError as exc:

@@ -179,6 +179,12 @@ def test_cloud_host_needs_a_fitting_instance_type_from_config_or_argument() -> N
     assert refusal(engine, req(16, 8)).details["removed"] == {"no instance type fits": 2}
 
 
+def test_a_cloud_drivers_type_patterns_are_not_types() -> None:
+    engine = PlacementEngine.from_hosts([host("aws", 4, 16, driver="aws",
+                                              config={"instance_types": ["t3.*", "m5.*"]})])
+    assert engine.place(req(2, 8)).host == "aws"  # bounded by its capacity only
+
+
 def test_bad_instance_types_config_is_refused() -> None:
     with pytest.raises(InvalidRequest):
         HostFleet([host("aws", config={"instance_types": [{"name": "x", "bogus": 1}]})])
