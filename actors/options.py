@@ -54,3 +54,12 @@ def migration_options(namespace: str, migration_id: str, source: str,
             "lifetime": "detached", "get_if_exists": True, "max_restarts": -1,
             "max_task_retries": -1, "num_cpus": 0, "max_concurrency": 2,
             **placement(source, node_id)}
+
+
+def migration_target_options(target: str, node_id: str | None) -> dict[str, Any]:
+    """A migration's end on its target host (``actors/migration/stream.py``), owned by its
+    MigrationActor (it ends with it). It runs one call at a time, in order; restarted if it
+    crashes, but a call in flight then fails instead of being retried: a page batch applied out
+    of order could leave a stale page, so the migration rolls back."""
+    return {"num_cpus": 0, "max_restarts": -1, "max_task_retries": 0, "max_concurrency": 1,
+            **placement(target, node_id)}

@@ -36,7 +36,8 @@ class Path:
 
 # (source driver, target driver) -> the path a migration between them takes
 PATHS: dict[tuple[str, str], Path] = {
-    ("sim", "sim"): Path("sim", frozenset({"cold", "warm", "live"})),
+    ("sim", "sim"): Path("sim", frozenset({"cold", "warm", "live"}),
+                         options=frozenset({"compress", "xbzrle"})),
 }
 POLICY_OPTIONS = ("post_copy", "compress", "xbzrle")  # off by default; a path must honour them
 

@@ -147,6 +147,10 @@ class Run:
         """After a rollback: leave the source guest as it was before the migration."""
         raise NotImplementedError
 
+    def destroy_target(self) -> None:
+        """After a rollback: remove the guest from the target (by default with ``dst``)."""
+        self.destroy(self.dst)
+
     # -- the run ----------------------------------------------------------------------------
     def run(self) -> None:
         """Run to the end: completed, or rolled back / failed with the VM on its source."""
@@ -224,7 +228,7 @@ class Run:
             self.destroy(self.src)
             self._call("migration_end", self.id, P.COMPLETED.value, None, {})
             return
-        self.destroy(self.dst)
+        self.destroy_target()
         try:
             self.restore_source(record.desired.value)
         except NovaCronError as exc:

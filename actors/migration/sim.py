@@ -8,24 +8,33 @@ meanwhile, from the guest's write generations) until the rest fits the downtime 
 measured rate (:func:`novacron.migration.precopy.decide`, with auto-converge throttling the guest
 as an option), then pause it, copy the last dirty pages, the generations, the control header and
 the disk delta, and start it ``--incoming`` on the target.
+
+Pages travel as batches of :mod:`novacron.migration.pages` (zero pages as bare indices; with
+``policy.compress`` zstd, with ``policy.xbzrle`` deltas for pages sent again) to the target's end
+(:mod:`actors.migration.stream`): in this process when both hosts share a Ray node, else in an
+actor on the target's node, through the object store. Every target-side step (define, start,
+destroy) runs there too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from actors.migration.run import MIB, P, Run, Stop
+from actors.migration.stream import LocalTarget, RemoteTarget, TargetEnd
 from actors.sync_tasks import sync_file
 from novacron import migrations as rules
 from novacron.drivers.base import GuestInfo
 from novacron.drivers.sim import SimDriver, dirty_pages, read_generations
-from novacron.errors import NotSupported
+from novacron.errors import NovaCronError
+from novacron.migration.codecs import choose_zstd_level
 from novacron.migration.delta import SyncCheckpoint, SyncReport
-from novacron.migration.pages import PAGE_SIZE, copy_pages, memory_digest
+from novacron.migration.pages import PAGE_SIZE, PageReader, PassResult, memory_digest, send_pages
 from novacron.migration.precopy import Action, PassReport, PrecopyState, decide
 from novacron.states import VMState
 
@@ -47,24 +56,50 @@ class SimRun(Run):
         self.disk_bytes = 0
         self.disk_digest: str | None = None
         self.disk_written: int | None = None  # the guest's disk byte counter when a sync began
+        self._target: TargetEnd | None = None
+        self.reader: PageReader | None = None  # the source memory, while pages are sent
+        self.memory_wire = 0  # bytes the memory pages took on the wire, all passes
+        self.zero_pages = 0  # pages sent as bare indices
+
+    @property
+    def target(self) -> TargetEnd:
+        """The target's end: in this process on a shared node, else an actor on the target's."""
+        if self._target is None:
+            host = self.target_host.model_dump(mode="json")
+            node = self.node_of(self.target_host)
+            if node == self.node_of(self.source_host):
+                self._target = LocalTarget(host, self.state_dir, self.vm.id)
+            else:
+                self._target = RemoteTarget(host, self.state_dir, self.vm.id, node)
+        return self._target
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            if self.reader is not None:
+                self.reader.close()
+            if self._target is not None:
+                self._target.close()
 
     def prepare_target(self) -> None:
-        if self.m.mode == "live" and (self.node_of(self.source_host)
-                                      != self.node_of(self.target_host)):
-            raise NotSupported("live migration between two Ray nodes needs a page stream, "
-                               "which is not implemented; use cold")
-        super().prepare_target()
+        self.target.define(self.vm.model_dump(mode="json"))
 
     def transfer(self) -> None:
         {"cold": self._cold, "warm": self._warm, "live": self._live}[self.m.mode]()
         self.outcome["disk_bytes_sent"] = self.disk_bytes
 
     def start_on_target(self, epoch: int, desired: str) -> GuestInfo:
-        if self.m.mode == "live":
-            return self.dst.start_incoming(self.vm.id, epoch)
-        if desired in ("running", "paused"):
-            return self.dst.start(self.vm.id, epoch)
-        return self.dst.get(self.vm.id)
+        if self.m.mode == "live" or desired in ("running", "paused"):
+            return self.target.start(epoch, incoming=self.m.mode == "live")
+        return self.target.get()
+
+    def destroy_target(self) -> None:
+        try:
+            self.target.destroy()
+        except NovaCronError as exc:
+            log.warning("migration %s: could not clean %s: %s", self.id, self.target_host.name,
+                        exc.message)
 
     def restore_source(self, desired: str) -> None:
         info = self.src.get(self.vm.id)
@@ -122,7 +157,7 @@ class SimRun(Run):
             self._sync_disk(3.0, 25.0)
         self.enter(P.PRECOPY)
         src_paths = self.src.memory_paths(self.vm.id)
-        dst_paths = self.dst.prepare_incoming(self.vm.id)
+        self.target.prepare_incoming()
         policy = rules.precopy_policy(self.m.policy)
         state = PrecopyState()
         before = read_generations(src_paths.generations)
@@ -136,8 +171,7 @@ class SimRun(Run):
             self.report(self.progress.percent, bytes_sent=sent)
 
         while True:
-            result = copy_pages(src_paths.memory, dst_paths.memory, pages, bucket=self.bucket,
-                                on_batch=counted)
+            result = self._send(pages, resend=state.passes > 0, on_batch=counted)
             after = read_generations(src_paths.generations)
             dirty = dirty_pages(before, after)
             before = after
@@ -168,25 +202,42 @@ class SimRun(Run):
         since generation snapshot ``before``, then the generations, header and disk delta."""
         self.enter(P.STOP_AND_COPY)
         src_paths = self.src.memory_paths(self.vm.id)
-        dst_paths = self.dst.memory_paths(self.vm.id)
         self.downtime_from = time.monotonic()
         self.src.pause(self.vm.id)  # returns once the guest is frozen
         final = read_generations(src_paths.generations)
         dirty = np.union1d(pending, dirty_pages(before, final))
-        result = copy_pages(src_paths.memory, dst_paths.memory, dirty)
-        dst_paths.generations.write_bytes(final.tobytes())
-        dst_paths.control.write_bytes(src_paths.control.read_bytes())
+        result = self._send(dirty, resend=True)
+        self.target.finish(final.tobytes(), src_paths.control.read_bytes())
         written = self.src.read_status(self.vm.id).disk_bytes_written
         if written != self.disk_written:  # it wrote to its disk since the sync began
             self._sync_disk(90.0, 97.0)
         outcome: dict[str, Any] = {"disk_digest": self.disk_digest,
                                    "final_pages": int(result.pages),
-                                   "expected_downtime_ms": round(expected_downtime * 1000, 1)}
+                                   "expected_downtime_ms": round(expected_downtime * 1000, 1),
+                                   "memory_bytes_sent": self.memory_wire,
+                                   "zero_pages": self.zero_pages}
         if self.m.policy.verify:
             outcome["memory_digest"] = memory_digest(src_paths.memory)
-            if memory_digest(dst_paths.memory) != outcome["memory_digest"]:
+            if self.target.memory_digest() != outcome["memory_digest"]:
                 raise Stop(P.FAILED, "target memory differs from the paused source's")
         self.save(outcome=outcome)
-        self.report(97.0, bytes_sent=self.progress.bytes_sent + result.bytes,
+        self.report(97.0, bytes_sent=self.progress.bytes_sent + result.wire_bytes,
                      bytes_remaining=0, eta_s=0.0)
+
+    def _send(self, pages: Any, *, resend: bool,
+              on_batch: Callable[[int], None] | None = None) -> PassResult:
+        """One pass of pages to the target (``resend``: they were sent before), paced by the
+        bandwidth cap on the bytes they take on the wire."""
+        if self.reader is None:
+            policy = self.m.policy
+            self.reader = PageReader(
+                self.src.memory_paths(self.vm.id).memory, compress=policy.compress,
+                xbzrle=policy.xbzrle,
+                level=choose_zstd_level(self.bucket.rate if self.bucket else None))
+        target = self.target
+        result = send_pages(self.reader, pages, target.send, resend=resend, bucket=self.bucket,
+                            on_batch=on_batch, flush=target.flush)
+        self.memory_wire += result.wire_bytes
+        self.zero_pages += result.zero_pages
+        return result
 

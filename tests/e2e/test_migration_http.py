@@ -63,6 +63,6 @@ def test_live_migration_over_http(http: httpx.Client) -> None:
     assert r.status_code == 422
     assert "already on e2" in r.json()["error"]["message"]
     r = http.post(f"{A}/migrations", json={"vm": "mig-http", "target_host": "e1",
-                                           "policy": {"xbzrle": True}})
+                                           "policy": {"post_copy": True}})
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "not_supported"

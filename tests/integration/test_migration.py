@@ -176,8 +176,6 @@ def test_refusals_and_limits(running: Running) -> None:
         nc.migrations.start("r1", to="h9")
     with pytest.raises(InvalidRequest, match="already on h1"):
         nc.migrations.start("r1", to="h1")
-    with pytest.raises(NotSupported, match="compress"):
-        nc.migrations.start("r1", to="h2", policy={"compress": True})
     with pytest.raises(NotSupported, match="post_copy"):
         nc.migrations.start("r1", to="h2", policy={"post_copy": True})
     big = nc.vms.create("big", cpus=1, memory_mib=3900, host="h1", start=False)

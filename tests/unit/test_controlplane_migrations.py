@@ -107,9 +107,9 @@ def test_refusals_up_front(plane: ControlPlane) -> None:
         plane.create_migration(vm_id, MigrationCreate(vm=vm_id, target_host="h2"))
     with pytest.raises(InvalidRequest, match="already on h1"):
         plane.create_migration(vm_id, MigrationCreate(vm=vm_id, target_host="h1"))
-    with pytest.raises(NotSupported, match="xbzrle"):
+    with pytest.raises(NotSupported, match="post_copy"):
         plane.create_migration(vm_id, MigrationCreate(vm=vm_id, target_host="h2",
-                                                      policy={"xbzrle": True}))
+                                                      policy={"post_copy": True}))
     assert plane.list_migrations() == []
     assert plane.get_host("h2").allocated.memory_mib == 512
 
