@@ -111,8 +111,9 @@ class ClusterController:
             progress=progress, checkpoint=checkpoint, outcome=outcome)
         return m.model_dump(mode="json")
 
-    def migration_switch(self, migration_id: str, state: str, guest_id: str | None) -> None:
-        self.plane.switch_migrated_vm(migration_id, VMState(state), guest_id)
+    def migration_switch(self, migration_id: str, state: str, guest_id: str | None,
+                         image: str | None = None) -> None:
+        self.plane.switch_migrated_vm(migration_id, VMState(state), guest_id, image=image)
 
     def migration_end(self, migration_id: str, phase: str, reason: str | None,
                       outcome: dict[str, Any]) -> None:

@@ -623,11 +623,12 @@ class ControlPlane:
             self.update_migration(migration_id, phase=MigrationPhase.PREPARING)
             return True
 
-    def switch_migrated_vm(self, migration_id: str, state: VMState,
-                           guest_id: str | None) -> VM:
+    def switch_migrated_vm(self, migration_id: str, state: VMState, guest_id: str | None, *,
+                           image: str | None = None) -> VM:
         """Switchover, in one commit: the VM moves to the target with epoch + 1 (fencing every
         report and start of the source side) and its allocation leaves the source (the target's
-        was reserved when the migration began). Idempotent."""
+        was reserved when the migration began); with ``image`` (its disk imported there) its
+        spec names that image from now on. Idempotent."""
         with self._lock:
             migration = self.get_migration(migration_id)
             vm = self.get_vm(migration.vm)
@@ -639,8 +640,9 @@ class ControlPlane:
                                         details={"migration": migration.id})
             source = self.get_host(migration.source)
             now = self.clock()
+            spec = vm.spec if image is None else vm.spec.model_copy(update={"image": image})
             moved = vm.model_copy(update={
-                "host": migration.target, "epoch": vm.epoch + 1, "state": state,
+                "host": migration.target, "epoch": vm.epoch + 1, "state": state, "spec": spec,
                 "guest_id": guest_id, "migration": None, "observed_at": now, "updated_at": now,
                 "last_error": None})
             released = source.allocated - vm.spec.resources

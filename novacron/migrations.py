@@ -32,14 +32,26 @@ class Path:
     name: str
     modes: frozenset[str]
     options: frozenset[str] = frozenset()
+    why: str = ""  # why the other modes are not possible, where it is not obvious
 
 
 # (source driver, target driver) -> the path a migration between them takes
 PATHS: dict[tuple[str, str], Path] = {
     ("sim", "sim"): Path("sim", frozenset({"cold", "warm", "live"}),
                          options=frozenset({"compress", "xbzrle"})),
+    ("sim", "aws"): Path("cloud_import", frozenset({"cold"}), why=(
+        "the stopped guest's disk is imported as an AMI; a running guest's memory cannot be "
+        "moved into an EC2 instance")),
 }
 POLICY_OPTIONS = ("post_copy", "compress", "xbzrle")  # off by default; a path must honour them
+
+# Why no path leads out of / into a kind of host, where its driver is the reason.
+NO_PATH_OUT: dict[str, str] = {
+    cloud: f"the {cloud} driver exports no disks" for cloud in ("aws", "azure", "gcp")}
+NO_PATH_IN: dict[str, str] = {
+    "azure": "the azure driver imports no disk images into Azure (it lacks image_import)",
+    "gcp": "the gcp driver imports no disk images into Compute Engine (it lacks image_import)",
+}
 
 
 def path_for(source_driver: str, target_driver: str, mode: str) -> str:
@@ -48,13 +60,15 @@ def path_for(source_driver: str, target_driver: str, mode: str) -> str:
     path = PATHS.get((source_driver, target_driver))
     if path is None:
         pairs = ", ".join(f"{a} -> {b}" for a, b in PATHS)
+        why = NO_PATH_OUT.get(source_driver) or NO_PATH_IN.get(target_driver)
         raise NotSupported(f"NovaCron cannot migrate from a {source_driver} host to a "
-                           f"{target_driver} host (it can: {pairs})",
+                           f"{target_driver} host{f': {why}' if why else ''} (it can: {pairs})",
                            details={"source_driver": source_driver,
                                     "target_driver": target_driver})
     if mode not in path.modes:
         raise NotSupported(f"{mode} migration from a {source_driver} host to a {target_driver} "
-                           f"host is not possible; use {' or '.join(sorted(path.modes))}",
+                           f"host is not possible; use {' or '.join(sorted(path.modes))}"
+                           f"{f' ({path.why})' if path.why else ''}",
                            details={"source_driver": source_driver,
                                     "target_driver": target_driver, "mode": mode})
     return path.name

@@ -14,6 +14,7 @@ from typing import Any
 import ray
 
 from actors import names
+from actors.migration.cloud_import import ImportRun
 from actors.migration.run import Run
 from actors.migration.sim import SimRun
 from novacron import migrations as rules
@@ -22,7 +23,7 @@ from novacron.states import MigrationPhase
 
 log = logging.getLogger("novacron.actors.migration")
 
-PATHS: dict[str, type[Run]] = {"sim": SimRun}
+PATHS: dict[str, type[Run]] = {"sim": SimRun, "cloud_import": ImportRun}
 
 
 class MigrationActor:

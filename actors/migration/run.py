@@ -68,6 +68,7 @@ class Run:
         self.last_poll = 0.0
         self.downtime_from: float | None = None  # when the guest stopped running on the source
         self.outcome: dict[str, Any] = {}  # totals the path adds to the final outcome
+        self.target_image: str | None = None  # the VM's image on the target, if the path made one
 
     # -- plumbing ---------------------------------------------------------------------------
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -192,7 +193,8 @@ class Run:
         epoch = record.epoch + (0 if record.host == self.m.target else 1)
         if record.host != self.m.target:
             info = self.start_on_target(epoch, record.desired.value)
-            self._call("migration_switch", self.id, info.state.value, info.guest_id)
+            self._call("migration_switch", self.id, info.state.value, info.guest_id,
+                       image=self.target_image)
         downtime_ms = (None if self.downtime_from is None
                        else (time.monotonic() - self.downtime_from) * 1000)
         self.destroy(self.src)
