@@ -150,10 +150,11 @@ class ArmFake:
             self._faults.append(_Fault("throttle", count, seconds=retry_after))
 
     def fail(self, route: str, status: int, code: str, message: str, *,
-             late: bool = False) -> None:
-        """The next ``route`` call answers ``code``, or (``late``) its operation fails."""
+             late: bool = False, count: int = 1) -> None:
+        """The next ``count`` ``route`` calls answer ``code``, or (``late``) their operations
+        fail."""
         with self._lock:
-            self._faults.append(_Fault("fail", 1, route, error=(status, code, message),
+            self._faults.append(_Fault("fail", count, route, error=(status, code, message),
                                        late=late))
 
     def delay(self, route: str, seconds: float, count: int = 1) -> None:

@@ -113,10 +113,11 @@ class GceFake:
         with self._lock:
             self._faults.append(_Fault("throttle", count))
 
-    def fail_operation(self, op_type: str, code: str, message: str, status: int = 403) -> None:
-        """Make the next ``op_type`` operation (e.g. "insert") end with error ``code``."""
+    def fail_operation(self, op_type: str, code: str, message: str, status: int = 403,
+                       count: int = 1) -> None:
+        """Make the next ``count`` ``op_type`` operations (e.g. "insert") end with ``code``."""
         with self._lock:
-            self._faults.append(_Fault(op_type, 1, error=(code, message, status)))
+            self._faults.append(_Fault(op_type, count, error=(code, message, status)))
 
     def delay(self, route: str, seconds: float, count: int = 1) -> None:
         """Execute the next ``count`` calls of ``route`` (e.g. "insert"), answering late."""
