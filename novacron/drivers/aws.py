@@ -32,12 +32,16 @@ changes and checked eagerly near its expiration.
 Metrics come from CloudWatch (``AWS/EC2``: CPUUtilization, NetworkIn/Out, Disk* and EBS*
 bytes) over the time since the instance last started.
 
-Cold migration into AWS (IMAGE_IMPORT): :meth:`AwsDriver.import_disk` writes a raw disk image
-(a sim guest's ``disk.img``, a stopped KVM guest's raw volume) into an EBS snapshot with the EBS
-direct APIs, sending only the 512 KiB blocks that changed since the last import of that guest
-(the new snapshot's parent is the previous one), registers it as an AMI and returns the AMI id;
-the guest is then defined with that image and started. ``import_workers`` (8) blocks are sent at
-once.
+Cold migration into AWS (IMAGE_IMPORT, :mod:`actors.migration.cloud_import`):
+:meth:`AwsDriver.import_disk` writes a raw disk image (a stopped sim guest's ``disk.img``) into an
+EBS snapshot with the EBS direct APIs, sending only the 512 KiB blocks that hold data (holes are
+found with SEEK_DATA, never read) and, on a later import of the same guest, only those that
+changed (the new snapshot's parent is the previous one); it registers the snapshot as an AMI
+tagged with the guest and host, and returns the AMI id, which the guest is then defined with.
+``import_workers`` (8) blocks are in flight at once; a progress callback after each block may
+abort the import, which then deletes its snapshot. :meth:`AwsDriver.discard_imports` (and
+``undefine`` with its storage) deregisters every AMI and deletes every snapshot tagged for the
+guest, an interrupted import's too.
 """
 
 from __future__ import annotations
