@@ -45,6 +45,15 @@ PATHS: dict[tuple[str, str], Path] = {
 }
 POLICY_OPTIONS = ("post_copy", "compress", "xbzrle")  # off by default; a path must honour them
 
+# Why a path lacks a policy option, where it is not obvious: (path name, option) -> reason.
+OPTION_WHY: dict[tuple[str, str], str] = {
+    ("sim", "post_copy"): (
+        "a sim guest maps its memory file directly and has no page-fault path, so once started "
+        "on the target before every page arrived it would read, and partly rewrite, pages that "
+        "are still zero there, and a page it wrote could then be overwritten by the stale copy "
+        "on its way; use auto_converge, or force-complete, which pauses the guest to finish"),
+}
+
 # Why no path leads out of / into a kind of host, where its driver is the reason.
 NO_PATH_OUT: dict[str, str] = {
     cloud: f"the {cloud} driver exports no disks" for cloud in ("aws", "azure", "gcp")}
@@ -79,12 +88,14 @@ def check_supported(mode: str, policy: MigrationPolicy, source_driver: str,
     """NotSupported, saying why, for a mode or policy option NovaCron cannot run between
     these two kinds of host."""
     path_for(source_driver, target_driver, mode)
-    options = PATHS[(source_driver, target_driver)].options
-    unsupported = [k for k in POLICY_OPTIONS if getattr(policy, k) and k not in options]
+    path = PATHS[(source_driver, target_driver)]
+    unsupported = [k for k in POLICY_OPTIONS if getattr(policy, k) and k not in path.options]
     if unsupported:
+        why = "".join(f"; {k}: {OPTION_WHY[path.name, k]}" for k in unsupported
+                      if (path.name, k) in OPTION_WHY)
         raise NotSupported(f"policy option(s) {', '.join(unsupported)} are not available for "
                            f"{mode} migration from a {source_driver} host to a {target_driver} "
-                           "host", details={"options": unsupported})
+                           f"host{why}", details={"options": unsupported})
 
 
 def can_admit(migration: Migration, others: Iterable[Migration]) -> bool:

@@ -23,6 +23,7 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import zstandard
 
 from novacron.errors import InvalidRequest
@@ -180,17 +181,30 @@ class PageEncoder:
         *,
         resend: bool,
     ) -> bytes:
-        """A batch of frames for ``pages`` of ``memory`` (for instance the dirty log's pages)."""
+        """A batch of frames for ``pages`` of ``memory`` (for instance the dirty log's pages);
+        the deltas of the pages sent again are computed together (:func:`xbzrle.encode_batch`)."""
         view, size = memoryview(memory), self.page_size
         with view:
-            return make_batch(
-                self.encode(i, view[i * size : (i + 1) * size].tobytes(), resend=resend)
-                for i in pages
-            )
+            batch = [(i, view[i * size : (i + 1) * size].tobytes()) for i in pages]
+        deltas: dict[int, bytes | None] = {}
+        if resend:
+            cached = [(i, page, old) for i, page in batch
+                      if (old := self.cache.get(i)) is not None and not is_zero(page)]
+            if cached:
+                olds = np.frombuffer(b"".join(old for _, _, old in cached), dtype=np.uint8)
+                news = np.frombuffer(b"".join(page for _, page, _ in cached), dtype=np.uint8)
+                found = xbzrle.encode_batch(olds.reshape(-1, size), news.reshape(-1, size))
+                deltas = dict(zip((i for i, _, _ in cached), found, strict=True))
+        return make_batch(self._encode(i, page, resend=resend, deltas=deltas) for i, page in batch)
 
     def encode(self, index: int, page: bytes, *, resend: bool) -> bytes:
         """One frame for ``page``; ``resend`` is False during the first (bulk) pass, whose pages
         are not cached (as in QEMU, only pages dirtied again are worth the cache)."""
+        return self._encode(index, page, resend=resend, deltas={})
+
+    def _encode(self, index: int, page: bytes, *, resend: bool,
+                deltas: dict[int, bytes | None]) -> bytes:
+        """:meth:`encode`, with the deltas against the cached pages found already."""
         if is_zero(page):
             self.cache.discard(index)
             return frame_header(index, FrameKind.ZERO, 0)
@@ -199,7 +213,10 @@ class PageEncoder:
             return self._blocks.encode_nonzero(index, page)
         previous = self.cache.get(index)
         self.cache.put(index, page)
-        delta = xbzrle.encode(previous, page) if previous is not None else None
+        if previous is None:
+            delta = None
+        else:
+            delta = deltas[index] if index in deltas else xbzrle.encode(previous, page)
         if delta is None:
             return self._blocks.encode_nonzero(index, page)
         kind = FrameKind.XBZRLE

@@ -8,13 +8,16 @@ the other runs take the new ones. A delta that is not smaller than the page is r
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import numpy as np
+import numpy.typing as npt
 
 from novacron.errors import InvalidRequest
 
 
+@functools.lru_cache(maxsize=8192)
 def _uleb128(value: int) -> bytes:
     out = bytearray()
     while True:
@@ -68,6 +71,51 @@ def encode(old: bytes | memoryview, new: bytes | memoryview) -> bytes | None:
         out += _uleb128(end - start)
         out += new_bytes[start:end]
     return bytes(out)
+
+
+def encode_batch(old: npt.NDArray[np.uint8], new: npt.NDArray[np.uint8]) -> list[bytes | None]:
+    """:func:`encode` of each row pair of two (pages, page size) arrays, the runs of all found
+    at once (for the many pages of one batch, far cheaper than page by page)."""
+    if old.shape != new.shape or new.ndim != 2:
+        raise InvalidRequest("XBZRLE batches differ in shape",
+                             details={"old": list(old.shape), "new": list(new.shape)})
+    count, size = new.shape
+    changed = np.zeros((count, size + 2), dtype=np.int8)
+    np.not_equal(old, new, out=changed[:, 1:-1].view(np.bool_))
+    edges = np.diff(changed, axis=1).reshape(-1)  # +1 where a run of changes starts, -1 after
+    where = np.flatnonzero(edges)
+    rows, columns = np.divmod(where, size + 1)
+    opening = edges[where] == 1
+    rows, starts, ends = rows[opening], columns[opening], columns[~opening]
+    runs = np.bincount(rows, minlength=count)
+    first = np.concatenate(([0], np.cumsum(runs)))
+    zero_runs = starts - np.concatenate(([0], ends[:-1]))
+    zero_runs[first[:-1][runs > 0]] = starts[first[:-1][runs > 0]]  # a row's first run
+    lengths = ends - starts
+    cost = lengths + _varint_sizes(zero_runs) + _varint_sizes(lengths)
+    refused = np.bincount(rows, weights=cost, minlength=count) >= size
+    data = new.reshape(-1).tobytes()
+    out: list[bytes | None] = []
+    zero_list, start_list, end_list = zero_runs.tolist(), starts.tolist(), ends.tolist()
+    bounds = first.tolist()
+    for row, no in enumerate(refused.tolist()):
+        if no:
+            out.append(None)
+            continue
+        base, parts = row * size, list[bytes]()
+        for run in range(bounds[row], bounds[row + 1]):
+            parts += (_uleb128(zero_list[run]), _uleb128(end_list[run] - start_list[run]),
+                      data[base + start_list[run]:base + end_list[run]])
+        out.append(b"".join(parts))
+    return out
+
+
+def _varint_sizes(values: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+    """Bytes of each value as ULEB128 (values below 2**35)."""
+    sizes = np.ones_like(values)
+    for k in range(1, 5):
+        sizes += values >= 1 << (7 * k)
+    return sizes
 
 
 def decode(delta: bytes | memoryview, page: bytearray | memoryview) -> None:

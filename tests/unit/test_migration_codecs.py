@@ -120,6 +120,24 @@ def test_page_stream_sends_deltas_for_pages_sent_again() -> None:
     assert 2 not in encoder.cache
 
 
+def test_a_batch_of_pages_encodes_as_page_by_page() -> None:
+    rng = np.random.default_rng(5)
+    memory = bytearray(rng.integers(0, 256, 16 * PAGE, dtype=np.uint8).tobytes())
+    memory[: 4 * PAGE] = TEXT * 4
+    memory[4 * PAGE : 6 * PAGE] = bytes(2 * PAGE)
+    batched, single = (PageEncoder(1, PageCache(6 * PAGE)) for _ in range(2))  # evicts
+    for step in range(4):
+        pages = [p for p in range(16) if (p + step) % 3]
+        for p in pages[::2]:
+            memory[p * PAGE + 64 * step : p * PAGE + 64 * step + 8] = rng.bytes(8)
+        resend = step > 0
+        expected = make_batch(
+            single.encode(p, bytes(memory[p * PAGE : (p + 1) * PAGE]), resend=resend)
+            for p in pages)
+        assert batched.encode_pages(memory, pages, resend=resend) == expected
+        assert [p in batched.cache for p in range(16)] == [p in single.cache for p in range(16)]
+
+
 def test_page_decoder_refuses_pages_outside_memory() -> None:
     decoder = PageDecoder(bytearray(PAGE), PAGE)
     with pytest.raises(InvalidRequest):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -60,6 +61,36 @@ def test_delta_round_trips(old: bytes, edits: list[tuple[int, bytes]]) -> None:
     page = bytearray(old)
     xbzrle.decode(delta, page)
     assert page == new
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    pages=st.lists(
+        st.tuples(
+            st.binary(min_size=64, max_size=64),
+            st.lists(st.tuples(st.integers(0, 63), st.binary(min_size=1, max_size=40)),
+                     max_size=6),
+        ),
+        min_size=1, max_size=8,
+    ),
+)
+def test_a_batch_encodes_each_page_as_alone(
+        pages: list[tuple[bytes, list[tuple[int, bytes]]]]) -> None:
+    olds, news = [], []
+    for old, edits in pages:
+        new = bytearray(old)
+        for pos, data in edits:
+            new[pos : pos + len(data)] = data[: 64 - pos]
+        olds.append(old)
+        news.append(bytes(new))
+    as_array = [np.frombuffer(b"".join(p), dtype=np.uint8).reshape(-1, 64) for p in (olds, news)]
+    assert xbzrle.encode_batch(*as_array) == [
+        xbzrle.encode(o, n) for o, n in zip(olds, news, strict=True)]
+
+
+def test_a_batch_needs_two_arrays_of_one_shape() -> None:
+    with pytest.raises(InvalidRequest):
+        xbzrle.encode_batch(np.zeros((2, 64), np.uint8), np.zeros((3, 64), np.uint8))
 
 
 def test_cache_evicts_least_recently_used_by_bytes() -> None:
