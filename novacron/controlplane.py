@@ -220,11 +220,26 @@ class ControlPlane:
         return {name: dict(stats) for name, stats in self._host_stats.items()}
 
     def set_host_state(self, name: str, state: HostState) -> Host:
-        """Move a host to ``state`` (maintenance, back up...) as its state machine allows."""
+        """Move a host to ``state`` (maintenance, back up...) as its state machine allows; while
+        a drain runs, the host's state is the drain's (Conflict)."""
         with self._lock:
             host = self.get_host(name)
+            if host.draining and state != host.state:
+                raise Conflict(f"host {name!r} is being drained; cancel the drain first "
+                               f"(novacron host drain {name} --cancel)", details={"host": name})
             check_host_transition(host.state, state)
             return self._write_host(host.model_copy(update={"state": state}))
+
+    def update_host(self, name: str, change: Callable[[Host], Host]) -> Host:
+        """Store ``change(host)`` for host ``name``, read and written under the lock (for
+        processes kept on the host record, such as drains: ``novacron.evacuation``)."""
+        with self._lock:
+            host = self.get_host(name)
+            changed = change(host)
+            if changed == host:
+                return host
+            check_host_transition(host.state, changed.state)
+            return self._write_host(changed)
 
     def delete_host(self, name: str) -> None:
         """Remove an empty host; Conflict while VMs are on it."""
@@ -247,6 +262,11 @@ class ControlPlane:
         if self._engine is not None:
             self._engine.update_host(written)
         return written
+
+    def place(self, request: PlacementRequest) -> Decision:
+        """Where the placement engine would put ``request`` now; nothing is reserved."""
+        with self._lock:
+            return self._placement().place(request)
 
     def _placement(self) -> PlacementEngine:
         """The placement engine over every host and the VMs on them (built once, then kept
@@ -767,7 +787,8 @@ class ControlPlane:
             self._host_stats[host] = dict(stats)
             current = host_from(record)
             if current.state == HostState.UNREACHABLE:
-                self._write_host(current.model_copy(update={"state": HostState.UP}))
+                back = HostState.DRAINING if current.draining else HostState.UP
+                self._write_host(current.model_copy(update={"state": back}))
                 log.info("host %s is reachable again", host)
             for guest in guests:
                 vm_record = self.store.get("vm", str(guest["vm_id"]))

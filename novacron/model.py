@@ -12,10 +12,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from novacron.ids import HostName, MigrationId, VMId
-from novacron.states import HostState, MigrationPhase, PowerState, VMState
+from novacron.states import DRAIN_ACTIVE, DrainState, HostState, MigrationPhase, PowerState, VMState
 
 __all__ = [
     "VM",
+    "Drain",
+    "DrainState",
     "Host",
     "HostCreate",
     "HostName",
@@ -167,6 +169,35 @@ class HostCreate(_Strict):
         = "*"  # "*": shared, managed by cluster admins; else dedicated to one tenant
 
 
+class Drain(BaseModel):
+    """A host's evacuation: its VMs leave through migrations (``novacron.evacuation``).
+
+    Kept on the host record, so it survives a controller restart and shows on every read of the
+    host. ``migrating`` maps each VM to the migration this drain started for it; ``waiting`` and
+    ``blocked`` say why a VM has not left yet (waiting passes by itself; blocked needs a change,
+    such as free capacity, and is retried every pass).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: DrainState = DrainState.RUNNING
+    started_at: float = Field(default_factory=time.time)
+    updated_at: float = Field(default_factory=time.time)
+    finished_at: float | None = None
+    moved: list[str] = Field(default_factory=list)  # VM ids this drain moved off the host
+    migrating: dict[str, str] = Field(default_factory=dict)  # VM id -> migration id in flight
+    starting: dict[str, float] = Field(default_factory=dict)  # VM id -> when its start was asked
+    waiting: dict[str, str] = Field(default_factory=dict)  # VM id -> what it waits for
+    blocked: dict[str, str] = Field(default_factory=dict)  # VM id -> why it cannot move
+    failures: dict[str, int] = Field(default_factory=dict)  # VM id -> its failed migrations
+    remaining: int = 0  # VMs still on the host
+    message: str = ""  # one line: where the drain stands, or how it ended
+
+    @property
+    def active(self) -> bool:
+        return self.state in DRAIN_ACTIVE
+
+
 class Host(BaseModel):
     """A host record: its capacity, what is promised on it, and its state."""
 
@@ -182,6 +213,7 @@ class Host(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
     tenant: str = "*"
     state: HostState = HostState.UP
+    drain: Drain | None = None  # the host's current or last drain
     created_at: float = Field(default_factory=time.time)
     revision: int = 0
 
@@ -197,6 +229,11 @@ class Host(BaseModel):
     @property
     def schedulable(self) -> bool:
         return self.state == HostState.UP
+
+    @property
+    def draining(self) -> bool:
+        """Whether a drain is moving this host's VMs away now."""
+        return self.drain is not None and self.drain.active
 
 
 MigrationMode = Literal["cold", "warm", "live"]

@@ -1,4 +1,5 @@
-"""State machines of VMs and hosts: one enum and one allowed-transition table each.
+"""State machines of VMs, hosts, drains and migrations: one enum and one allowed-transition table
+each.
 
 Kept free of third-party imports so the lean actors (VMActor) can use them without pulling in
 pydantic. ``check_vm_transition`` and ``check_host_transition`` raise
@@ -74,6 +75,34 @@ HOST_TRANSITIONS: dict[HostState, frozenset[HostState]] = {
     _H.MAINTENANCE: frozenset({_H.UP, _H.UNREACHABLE}),
     _H.UNREACHABLE: frozenset({_H.UP, _H.DRAINING, _H.MAINTENANCE}),
 }
+
+class DrainState(StrEnum):
+    """State of a host's drain (its evacuation through migrations, ``novacron.evacuation``)."""
+
+    RUNNING = "running"  # VMs are being moved away, or wait for their turn
+    BLOCKED = "blocked"  # nothing moves: the VMs left cannot go anywhere now (retried each pass)
+    COMPLETED = "completed"  # the host is empty and in maintenance
+    CANCELLED = "cancelled"  # stopped on request; the host is up again
+
+
+_D = DrainState
+DRAIN_TRANSITIONS: dict[DrainState, frozenset[DrainState]] = {
+    _D.RUNNING: frozenset({_D.BLOCKED, _D.COMPLETED, _D.CANCELLED}),
+    _D.BLOCKED: frozenset({_D.RUNNING, _D.COMPLETED, _D.CANCELLED}),
+    _D.COMPLETED: frozenset(),
+    _D.CANCELLED: frozenset(),
+}
+DRAIN_ACTIVE = frozenset({_D.RUNNING, _D.BLOCKED})
+
+
+def check_drain_transition(current: DrainState, new: DrainState) -> None:
+    """Raise InvalidTransition unless a drain may move from ``current`` to ``new``."""
+    if new != current and new not in DRAIN_TRANSITIONS[current]:
+        raise InvalidTransition(
+            f"a drain cannot go from {current.value} to {new.value}",
+            details={"from": current.value, "to": new.value},
+        )
+
 
 # User actions on a VM: the states each is allowed from, and the power state it asks for.
 VM_ACTIONS: dict[str, tuple[frozenset[VMState], PowerState]] = {
