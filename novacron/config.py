@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     converge_timeout_s: float = Field(default=60.0, gt=0)
     stop_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     oidc: OIDCConfig | None = None  # NOVACRON_OIDC='{"issuer": ..., "audience": ..., ...}'
+    # The rebalancer (novacron.rebalancing): off by default; `novacron rebalance` proposes anyway.
+    rebalance_enabled: bool = False  # run it every rebalance_interval_s and start its migrations
+    rebalance_interval_s: float = Field(default=300.0, ge=1, le=86400)
+    rebalance_threshold: float = Field(default=0.85, gt=0, le=1)  # a host above this share is hot
+    rebalance_tolerance: float = Field(default=0.15, ge=0, le=1)  # tolerated share above the mean
+    rebalance_max_moves: int = Field(default=4, ge=1, le=100)  # migrations per round at most
+    rebalance_min_gain: float = Field(default=0.001, ge=0, le=1)  # least improvement per move
 
     @property
     def store_path(self) -> Path:

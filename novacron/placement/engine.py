@@ -254,6 +254,12 @@ class PlacementEngine:
         return ShardResult(fleet.names[i], best, int(fleet.revision[i]), fleet.allocated(i),
                            len(fleet), {})
 
+    def feasible(self, request: PlacementRequest) -> BoolArray:
+        """Which hosts (fleet columns) pass every hard filter for ``request``: state,
+        constraints, capacity and a hard group rule; NoCapacity, saying why, if none does."""
+        _, _, scores = self._choose(request, None)
+        return np.asarray(scores > _NEG_INF)
+
     # -- internals --------------------------------------------------------------------------
     def _choose(self, request: PlacementRequest,
                 group: GroupContext | None) -> tuple[int, float, FloatArray]:
