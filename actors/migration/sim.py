@@ -111,7 +111,7 @@ class SimRun(Run):
     def _sync_disk(self, low: float, high: float) -> SyncReport:
         """Delta-sync the disk image to the target, progress moving from ``low`` to ``high``."""
         src = self.src.memory_paths(self.vm.id).disk
-        dst = self.dst.memory_paths(self.vm.id).disk
+        dst = self.dst.memory_paths(self.vm.id, must_exist=False).disk  # on the target's node
         nodes = {str(h.name): self.node_of(h) for h in (self.source_host, self.target_host)}
 
         def on_checkpoint(state: SyncCheckpoint) -> None:

@@ -195,3 +195,28 @@ def test_live_memory_and_disk_byte_identical_between_nodes(multinode: MultiNode)
     assert disk_digest(env, "h2", vm.id) == written == out["disk_digest"]
     assert not (env.state / "shm" / "h1" / f"{vm.id}.mem").exists()
     assert os.path.exists(env.state / "sim" / "h2" / vm.id / "disk.img")
+
+
+def test_a_killed_run_starts_over_and_a_cancel_cleans_the_far_node(multinode: MultiNode) -> None:
+    """The MigrationActor dies in pre-copy (its end on h2 with it): the restarted run sets up a
+    new one; a cancel then rolls back: the same guest runs on h1, h2 keeps nothing of it."""
+    env, nc = multinode, multinode.running.nc
+    vm = make_vm(env, "phoenix", dirty=40.0)
+    guest = vm.record.guest_id
+    mig = nc.migrations.start("phoenix", to="h2", mode="live",
+                              policy={"bandwidth_mib_s": 20, "max_downtime_ms": 1})
+    eventually(lambda: mig.refresh().phase == MigrationPhase.PRECOPY, 60, what="pre-copy")
+    actor = env.running.actor(f"mig:{mig.id}")
+    pid = ray.get(actor.pid.remote())
+    ray.kill(actor, no_restart=False)
+    eventually(lambda: ray.get(actor.pid.remote()) != pid, 60, what="a restarted run")
+    sent = mig.refresh().record.progress.bytes_sent
+    eventually(lambda: mig.refresh().record.progress.bytes_sent > sent, 60,
+               what="pages flowing again")
+    mig.cancel().wait(timeout=60)
+    assert mig.phase == MigrationPhase.ROLLED_BACK, mig.record.reason
+    assert vm.wait_for("running", timeout=30).record.host == "h1"
+    assert vm.record.guest_id == guest
+    runs_on(env, vm.id, "h1")
+    assert not (env.state / "sim" / "h2" / vm.id).exists()
+    assert not (env.state / "shm" / "h2" / f"{vm.id}.mem").exists()

@@ -25,4 +25,4 @@ def test_cold_warm_and_live_migration_between_ray_nodes(tmp_path: Path) -> None:
          f"--basetemp={tmp_path / 'scenario'}", "--timeout=240", str(SCENARIO)],
         cwd=ROOT, capture_output=True, text=True, timeout=280)
     assert done.returncode == 0, f"{done.stdout[-12000:]}\n{done.stderr[-4000:]}"
-    assert re.search(r"\b3 passed", done.stdout), done.stdout[-2000:]
+    assert re.search(r"\b4 passed", done.stdout), done.stdout[-2000:]
