@@ -18,7 +18,9 @@ from novacron.auth import AuditResult, AuthServices
 from novacron.config import ADMIN_TOKEN_FILE, Settings, write_secret
 from novacron.controlplane import ControlPlane
 from novacron.errors import InvalidRequest, NovaCronError
+from novacron.evacuation import Evacuator
 from novacron.model import MigrationProgress
+from novacron.rebalancing import Rebalancer, RebalanceSettings
 from novacron.secured import PUBLIC_METHODS, SecuredPlane
 from novacron.states import MigrationPhase, VMState
 from novacron.store import OwnerLock, Store
@@ -42,8 +44,11 @@ class ClusterController:
                                   heartbeat_misses=self.settings.heartbeat_misses,
                                   converge_timeout_s=self.settings.converge_timeout_s)
         redact_logs()
+        self.evacuator = Evacuator(self.plane)
+        self.rebalancer = Rebalancer(self.plane, RebalanceSettings.from_settings(self.settings))
         self.secured = SecuredPlane(self.plane, AuthServices.create(self.store,
-                                                                    oidc=self.settings.oidc))
+                                                                    oidc=self.settings.oidc),
+                                    evacuator=self.evacuator, rebalancer=self.rebalancer)
         token = self.secured.auth.first_start()
         if token is not None:
             write_secret(self.settings.state_dir / ADMIN_TOKEN_FILE, token.get_secret_value())
@@ -54,13 +59,16 @@ class ClusterController:
         log.info("controller up (pid %d, store %s)", os.getpid(), self.settings.store_path)
 
     def _reconcile_loop(self) -> None:
+        passes = (("reconcile", self.plane.reconcile_once), ("drain", self.evacuator.advance),
+                  ("rebalance", self.rebalancer.tick))
         while not self._stop.wait(self.settings.reconcile_interval_s):
-            try:
-                self.plane.reconcile_once()
-            except NovaCronError as exc:
-                log.warning("reconcile pass failed: %s", exc.message)
-            except Exception:
-                log.exception("reconcile pass failed")
+            for what, run in passes:
+                try:
+                    run()
+                except NovaCronError as exc:
+                    log.warning("%s pass failed: %s", what, exc.message)
+                except Exception:
+                    log.exception("%s pass failed", what)
 
     # -- liveness -------------------------------------------------------------------------------
     def ping(self) -> dict[str, Any]:

@@ -265,6 +265,10 @@ def cmd_host(args: argparse.Namespace, settings: Settings) -> int:
     elif args.host_cmd == "show":
         host = nc.hosts.get(args.name)
         _print_records(args, [host], lambda: _host_table([host]))
+        if host.drain is not None and not args.json:
+            out.print(_drain_table(host))
+    elif args.host_cmd == "drain":
+        return _drain(args, nc)
     elif args.host_cmd == "add":
         capacity = None
         if args.cpus or args.memory or args.disk:
@@ -283,6 +287,76 @@ def cmd_host(args: argparse.Namespace, settings: Settings) -> int:
         nc.hosts.delete(args.name)
         out.print(f"host {args.name} removed")
     return 0
+
+
+def _drain_table(host: Host) -> Table:
+    """A host's drain: where it stands, and each VM not yet gone."""
+    drain = host.drain
+    assert drain is not None
+    table = Table(title=f"Drain of {host.name} ({host.state.value}): {drain.state.value}",
+                  caption=drain.message)
+    for col in ("VM", "STATUS", "DETAIL"):
+        table.add_column(col)
+    for vm_id, mig in drain.migrating.items():
+        table.add_row(vm_id, "migrating", mig)
+    for vm_id, why in drain.waiting.items():
+        table.add_row(vm_id, "waiting", why)
+    for vm_id, why in drain.blocked.items():
+        table.add_row(vm_id, "[red]blocked[/]", why)
+    return table
+
+
+def _drain(args: argparse.Namespace, nc: Any) -> int:
+    """Start (or with ``--cancel`` stop) a host's drain; with ``--wait`` follow it to its end."""
+    from novacron.states import DrainState
+
+    name = args.name
+    host: Host = nc.hosts.cancel_drain(name) if args.cancel else nc.hosts.drain(name)
+    if args.wait and not args.cancel:
+        deadline = time.monotonic() + args.timeout
+        said = ""
+        while host.drain is not None and host.drain.active:
+            if not args.json and host.drain.message != said:
+                said = host.drain.message
+                out.print(f"{name}: drain {host.drain.state.value}: {said}")
+            if time.monotonic() > deadline:
+                raise OperationTimeout(f"the drain of {name} is still {host.drain.state.value} "
+                                       f"after {args.timeout:g} s (it goes on; cancel it with "
+                                       f"`novacron host drain {name} --cancel`)")
+            time.sleep(0.5)
+            host = nc.hosts.get(name)
+    if args.json:
+        out.print_json(data=host.model_dump(mode="json"))
+    elif host.drain is not None:
+        out.print(_drain_table(host))
+    if args.wait and not args.cancel:
+        return 0 if host.drain is not None and host.drain.state == DrainState.COMPLETED else 1
+    return 0
+
+
+def cmd_rebalance(args: argparse.Namespace, settings: Settings) -> int:
+    """The rebalancer's proposed moves (``--apply``: start them)."""
+    nc = _connect(args, settings)
+    result = nc.rebalance(apply=args.apply)
+    if args.json:
+        out.print_json(data=result)
+    else:
+        table = Table(title="Rebalance" + ("" if args.apply else " (proposal; --apply starts it)"))
+        for col in ("VM", "FROM", "TO", "MODE", "WHY", "MIGRATION" if args.apply else "GAIN"):
+            table.add_column(col)
+        for item in result["items"]:
+            last = ((item["migration"] or f"[red]{item['error']['message']}[/]") if args.apply
+                    else f"{item['gain']:.4f}")
+            table.add_row(item["name"], item["source"], item["target"], item["mode"],
+                          item["reason"], last)
+        out.print(table)
+        before, after = result["before"], result["after"]
+        out.print(f"utilisation over {before['hosts']} up host(s): mean {before['mean']:.0%}, "
+                  f"stdev {before['stdev']:.1%} -> {after['stdev']:.1%}, peak "
+                  f"{before['peak']:.0%} -> {after['peak']:.0%}")
+        for note in result["notes"]:
+            out.print(f"  {note}")
+    return 1 if any(item["error"] for item in result["items"]) else 0
 
 
 _SETTLES = {"start": "running", "stop": "stopped", "reboot": "running", "pause": "paused",
@@ -570,6 +644,13 @@ def build_parser() -> argparse.ArgumentParser:
     hsub.add_parser("list", parents=[common])
     for name in ("show", "maintenance", "activate", "delete"):
         hsub.add_parser(name, parents=[common]).add_argument("name")
+    drain = hsub.add_parser("drain", parents=[common],
+                            help="move every VM off a host, then put it in maintenance")
+    drain.add_argument("name")
+    drain.add_argument("--cancel", action="store_true",
+                       help="stop the drain: its migrations roll back, the host is up again")
+    drain.add_argument("--wait", action="store_true", help="follow the drain to its end")
+    drain.add_argument("--timeout", type=float, default=1800.0)
     add = hsub.add_parser("add", parents=[common])
     add.add_argument("name")
     add.add_argument("--driver", default="sim")
@@ -619,6 +700,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--domain", help="failure-domain label (e.g. zone)")
     plan.add_argument("--soft", action="store_true", help="a preference, not a rule")
     plan.set_defaults(func=cmd_plan)
+    rebalance = sub.add_parser("rebalance", parents=[common],
+                               help="moves that even out the hosts (a proposal unless --apply)")
+    rebalance.add_argument("--apply", action="store_true", help="start the proposed migrations")
+    rebalance.set_defaults(func=cmd_rebalance)
     migrate = sub.add_parser("migrate", parents=[common], help="move a VM to another host")
     migrate.add_argument("ref", help="VM id or name")
     migrate.add_argument("--to", required=True, help="target host")

@@ -220,6 +220,30 @@ class Hosts:
         host: Host = self._call("set_host_state", name, HostState.UP)
         return host
 
+    def drain(self, name: str) -> Host:
+        """Start moving every VM off host ``name`` (idempotent); see ``wait_drained``."""
+        host: Host = self._call("drain_host", name)
+        return host
+
+    def cancel_drain(self, name: str) -> Host:
+        """Stop the drain: its migrations roll back and the host is up again."""
+        host: Host = self._call("cancel_drain", name)
+        return host
+
+    def wait_drained(self, name: str, timeout: float = 300.0, poll_s: float = 0.25) -> Host:
+        """Wait until host ``name``'s drain has ended (completed or cancelled); the host."""
+        deadline = time.monotonic() + timeout
+        while True:
+            host = self.get(name)
+            drain = host.drain
+            if drain is None or not drain.active:
+                return host
+            if time.monotonic() >= deadline:
+                raise OperationTimeout(f"the drain of host {name} is still {drain.state.value} "
+                                       f"after {timeout:g} s: {drain.message}",
+                                       details={"host": name, "drain": drain.state.value})
+            time.sleep(poll_s)
+
     def delete(self, name: str) -> None:
         self._call("delete_host", name)
 
@@ -314,6 +338,11 @@ class NovaCron:
         """Counts of the hosts and VMs the caller may see, and the store's revision."""
         status: dict[str, Any] = self._call("status")
         return status
+
+    def rebalance(self, *, apply: bool = False) -> dict[str, Any]:
+        """The rebalancer's proposed moves with reasons; with ``apply`` they start."""
+        result: dict[str, Any] = self._call("rebalance", not apply)
+        return result
 
     def whoami(self) -> dict[str, Any]:
         """Who this connection's token is, and its roles."""

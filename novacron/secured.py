@@ -33,7 +33,9 @@ from novacron.auth.quotas import Quota
 from novacron.auth.tenants import DEFAULT_TENANT
 from novacron.controlplane import ControlPlane
 from novacron.errors import InvalidRequest, NotFound, NovaCronError
+from novacron.evacuation import Evacuator
 from novacron.model import VM, Host, HostCreate, Migration, MigrationCreate, VMCreate, VMSpec
+from novacron.rebalancing import Rebalancer
 from novacron.states import HostState
 
 log = logging.getLogger("novacron.secured")
@@ -65,9 +67,12 @@ def home_tenant(principal: Principal) -> str:
 class SecuredPlane:
     """User-facing operations of the control plane, each checked by the gate and audited."""
 
-    def __init__(self, plane: ControlPlane, auth: AuthServices) -> None:
+    def __init__(self, plane: ControlPlane, auth: AuthServices, *,
+                 evacuator: Evacuator | None = None, rebalancer: Rebalancer | None = None) -> None:
         self.plane = plane
         self.auth = auth
+        self.evacuator = evacuator or Evacuator(plane)
+        self.rebalancer = rebalancer or Rebalancer(plane)
         self.gate = Gate(auth.authenticator, self._audit_sink)
 
     def _audit_sink(self, **entry: Any) -> None:
@@ -147,6 +152,18 @@ class SecuredPlane:
         return self._run(caller, principal, f"hosts:{state.value}", host.tenant, name,
                          lambda: self.plane.set_host_state(name, state))
 
+    def drain_host(self, caller: Caller, name: str) -> Host:
+        """Start evacuating a host (idempotent); its progress is on the host's ``drain``."""
+        principal, host = self._host(caller, _V.ACT, name)
+        return self._run(caller, principal, "hosts:drain", host.tenant, name,
+                         lambda: self.evacuator.start(name))
+
+    def cancel_drain(self, caller: Caller, name: str) -> Host:
+        """Stop a host's drain: its migrations roll back and the host is up again."""
+        principal, host = self._host(caller, _V.ACT, name)
+        return self._run(caller, principal, "hosts:drain-cancel", host.tenant, name,
+                         lambda: self.evacuator.cancel(name))
+
     def delete_host(self, caller: Caller, name: str) -> None:
         principal, host = self._host(caller, _V.DELETE, name)
         self._run(caller, principal, "hosts:delete", host.tenant, name,
@@ -189,6 +206,17 @@ class SecuredPlane:
         specs = [VMSpec.model_validate(r.model_dump(exclude={"host", "start", "tenant"}))
                  for r in vms]
         return self.plane.plan(specs, tenant=tenant, pinned=[r.host for r in vms])
+
+    def rebalance(self, caller: Caller, dry_run: bool = True) -> dict[str, Any]:
+        """Moves that even out the hosts, with reasons; without ``dry_run`` they start. It moves
+        every tenant's VMs across shared hosts, so it is a cluster-wide permission."""
+        principal = self.gate.principal(caller)
+        verb = _V.READ if dry_run else _V.ACT
+        self.gate.check(caller, principal, _R.PLACEMENT, verb, ALL_TENANTS)
+        if dry_run:
+            return self.rebalancer.run(dry_run=True)
+        return self._run(caller, principal, "placement:rebalance", ALL_TENANTS, None,
+                         lambda: self.rebalancer.run(dry_run=False))
 
     def get_vm(self, caller: Caller, vm_id: str) -> VM:
         return self._vm(caller, _V.READ, vm_id)[1]

@@ -105,6 +105,12 @@ class PlanBody(_Body):
     vms: list[VMCreate] = Field(min_length=1, max_length=10_000)
 
 
+class RebalanceBody(_Body):
+    """``dry_run`` (the default): only propose; false: start the proposed migrations."""
+
+    dry_run: bool = True
+
+
 class Page(BaseModel):
     """One page of a listing."""
 
@@ -237,6 +243,19 @@ def build_app() -> FastAPI:
                                                     HostState.UP)
         return host
 
+    @api.post(f"{API}/hosts/{{name}}/drain", status_code=202, tags=["hosts"])
+    async def host_drain(request: Request, caller: CallerDep, name: str) -> Host:
+        """Evacuate the host through migrations (idempotent); it takes no new VMs meanwhile.
+        Its progress is the host's ``drain``; once empty the host is in maintenance."""
+        host: Host = await backend_of(request).call("drain_host", caller, name)
+        return host
+
+    @api.post(f"{API}/hosts/{{name}}/drain/cancel", tags=["hosts"])
+    async def host_drain_cancel(request: Request, caller: CallerDep, name: str) -> Host:
+        """Stop the host's drain: its migrations roll back and the host is up again."""
+        host: Host = await backend_of(request).call("cancel_drain", caller, name)
+        return host
+
     @api.delete(f"{API}/hosts/{{name}}", status_code=204, tags=["hosts"])
     async def delete_host(request: Request, caller: CallerDep, name: str) -> Response:
         await backend_of(request).call("delete_host", caller, name)
@@ -320,6 +339,15 @@ def build_app() -> FastAPI:
     async def plan(request: Request, caller: CallerDep, body: PlanBody) -> dict[str, Any]:
         """Where these VMs would go (a dry run: nothing is created), and why."""
         return _items(await backend_of(request).call("plan", caller, body.vms))
+
+    @api.post(f"{API}/placement/rebalance", tags=["placement"])
+    async def rebalance(request: Request, caller: CallerDep,
+                        body: Annotated[RebalanceBody | None, Body()] = None) -> dict[str, Any]:
+        """Migrations that would cool hot hosts and even out the rest, each with its reason;
+        with ``{"dry_run": false}`` they start (within the migration limits)."""
+        result: dict[str, Any] = await backend_of(request).call(
+            "rebalance", caller, body.dry_run if body else True)
+        return result
 
     # -- migrations -------------------------------------------------------------------------
     @api.get(f"{API}/migrations", tags=["migrations"])

@@ -172,6 +172,16 @@ def _fresh_migration(w: World, t: str) -> str:
             time.sleep(0.05)
 
 
+def _draining_host(w: World, t: str) -> tuple[str, Any]:
+    """A host of tenant T whose drain runs: its VM cannot leave (the in-process fleet runs no
+    migration), so the drain stays active until cancelled."""
+    host = w.host(t)
+    w.secured.create_vm(w.admin, VMCreate(name=w.unique(f"vm-{t}-"), cpus=1, memory_mib=32,
+                                          start=False, tenant=t, host=host))
+    w.secured.drain_host(w.admin, host)
+    return f"{A}/hosts/{host}/drain/cancel", None
+
+
 CASES: dict[tuple[str, str], Case] = {
     ("GET", f"{A}/migrations"): Case("migrations", "read", "list", lambda w, t: (
         f"{A}/migrations", None)),
@@ -194,6 +204,9 @@ CASES: dict[tuple[str, str], Case] = {
         f"{A}/hosts/{w.hosts[t]}/maintenance", None)),
     ("POST", f"{A}/hosts/{{name}}/activate"): Case("hosts", "act", "object", lambda w, t: (
         f"{A}/hosts/{w.hosts[t]}/activate", None)),
+    ("POST", f"{A}/hosts/{{name}}/drain"): Case("hosts", "act", "object", lambda w, t: (
+        f"{A}/hosts/{w.host(t)}/drain", None)),
+    ("POST", f"{A}/hosts/{{name}}/drain/cancel"): Case("hosts", "act", "object", _draining_host),
     ("DELETE", f"{A}/hosts/{{name}}"): Case("hosts", "delete", "object", lambda w, t: (
         f"{A}/hosts/{w.host(t)}", None)),
     ("GET", f"{A}/vms"): Case("vms", "read", "list", lambda w, t: (f"{A}/vms", None)),
@@ -217,6 +230,8 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", f"{A}/placement/plan"): Case("placement", "read", "create", lambda w, t: (
         f"{A}/placement/plan", {"vms": [{"name": "p", "cpus": 1, "memory_mib": 32,
                                          "tenant": t}]})),
+    ("POST", f"{A}/placement/rebalance"): Case("placement", "act", "cluster", lambda w, t: (
+        f"{A}/placement/rebalance", {"dry_run": False})),
     ("GET", f"{A}/events"): Case("vms", "read", "list", lambda w, t: (
         f"{A}/events?limit=1000", None)),
     ("GET", f"{A}/tenants"): Case("tenants", "read", "list", lambda w, t: (f"{A}/tenants", None)),
