@@ -50,7 +50,7 @@ def run(count: int) -> dict[str, Any]:
     from novacron.config import Settings
     from novacron.model import HostCreate, Resources, VMCreate
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
              log_to_driver=False)
     try:
         empty_cls: Any = ray.remote(Empty)

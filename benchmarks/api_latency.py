@@ -129,7 +129,7 @@ def run(records: int, requests: int, posts: int) -> dict[str, Any]:
     settings = Settings(state_dir=workdir, namespace="nc-bench-api", sim_hosts=4,
                         api_port=free_port())
     fill_store(settings.store_path, records)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR,
              log_to_driver=False)
     logging.getLogger("ray.serve").setLevel(logging.ERROR)
     bare: subprocess.Popen[bytes] | None = None

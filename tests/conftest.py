@@ -44,12 +44,13 @@ def sim_host_config(state_dir: Path, cpus: int = 8, memory_mib: int = 16384,
 
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
-    """One local Ray instance for the whole test session (integration and e2e tiers)."""
+    """One local Ray instance for the whole test session (integration and e2e tiers); always a
+    new one (``address="local"``), never a cluster someone started on this machine."""
     import logging
 
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="novacron-tests",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="novacron-tests",
              logging_level=logging.WARNING, log_to_driver=False)
     yield
     ray.shutdown()
