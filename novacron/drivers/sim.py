@@ -14,18 +14,21 @@ Files of guest ``<vm>`` on host ``<host>``::
                                 /guest.log    its stdout and stderr
                                 /disk.img     sparse disk image of disk_gib GiB
                                 /.lock        serialises driver operations across processes
+                                /incoming     while a guest waits for a migration's handover
     <memory_dir>/<host>/<vm>.mem              RAM: memory_mib MiB, sparse (exists while it runs)
                         <vm>.gen              write generation of each 4 KiB page (uint32)
                         <vm>.ctl              4 KiB control/status header
+                        <vm>.dgen             write generation of each 64 KiB disk block (uint32)
 
 ``memory_dir`` defaults to /dev/shm/novacron when /dev/shm is writable, else <state_dir>/sim-memory.
 
 For the migration engine (see the protocol in :mod:`novacron.drivers.simguest`):
-:meth:`SimDriver.memory_paths` gives the files; :func:`read_generations` snapshots the generation
-array and :func:`dirty_pages` diffs two snapshots; :meth:`SimDriver.read_status` and
-:meth:`SimDriver.set_workload` read the header and steer the workload (``throttle_pct`` for
-auto-converge). On the target, :meth:`SimDriver.prepare_incoming` creates empty memory files to
-copy pages into and :meth:`SimDriver.start_incoming` starts the guest on them without booting.
+:meth:`SimDriver.memory_paths` gives the files; :func:`read_generations` snapshots a generation
+array (of the memory pages or of the disk blocks) and :func:`dirty_pages` diffs two snapshots;
+:meth:`SimDriver.read_status` and :meth:`SimDriver.set_workload` read the header and steer the
+workload (``throttle_pct`` for auto-converge). On the target, :meth:`SimDriver.prepare_incoming`
+creates empty memory files to copy pages into and starts the guest on them, waiting, and
+:meth:`SimDriver.start_incoming` hands the migrated guest over to it.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from novacron.drivers.base import (
 )
 from novacron.drivers.simguest import (
     CONTROL_SIZE,
+    DISK_BLOCK,
     EPOCH_OFFSET,
     GENERATION_SIZE,
     IDENTITY,
@@ -119,11 +123,13 @@ _PIDFILE = "pid"
 _LOG = "guest.log"
 _DISK = "disk.img"
 _LOCK = ".lock"
+_INCOMING = "incoming"
 _CONFIG_FORMAT = 1
 _GUEST_MODULE = simguest.__name__
 _PACKAGE_ROOT = str(Path(simguest.__file__).resolve().parents[2])  # the dir holding novacron/
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _POLL_S = 0.01
+_FAST_POLL_S = 0.0005  # waits within a migration's downtime (pause, handover)
 _SIGNAL_WAIT_S = 5.0  # how long a SIGSTOP, SIGCONT or SIGKILL may take to show in /proc
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _DEAD = frozenset({"Z", "X", "x"})  # /proc states of a process that has exited
@@ -145,6 +151,7 @@ _PHASE_STATES: Mapping[int, VMState] = {
     Phase.BOOTING: VMState.STARTING,
     Phase.RUNNING: VMState.RUNNING,
     Phase.STOPPING: VMState.STOPPING,
+    Phase.INCOMING: VMState.PAUSED,  # as libvirt shows an incoming domain: paused (migration)
 }
 
 
@@ -160,6 +167,8 @@ class SimPaths:
     memory: Path
     generations: Path
     control: Path
+    disk_generations: Path
+    incoming: Path  # marker: a guest launched here waits for a migration's handover
 
 
 @dataclass(frozen=True)
@@ -194,13 +203,16 @@ class _Process:
 
 
 def read_generations(path: Path) -> npt.NDArray[np.uint32]:
-    """A snapshot (a copy) of a guest's generation array, one uint32 per 4 KiB page.
+    """A snapshot (a copy) of a guest's generation array: one uint32 per 4 KiB page of memory
+    (``generations``) or per 64 KiB block of disk (``disk_generations``).
 
     Copied element by element from a mapping, so each generation is read whole (read(2) and
     memcpy may move bytes singly and tear a word the guest is updating).
     """
     import numpy as np
 
+    if path.stat().st_size == 0:  # a guest without a disk
+        return np.zeros(0, dtype=np.uint32)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         live = np.frombuffer(mm, dtype=np.uint32)
         snapshot = np.add(live, np.uint32(0), dtype=np.uint32)
@@ -210,7 +222,8 @@ def read_generations(path: Path) -> npt.NDArray[np.uint32]:
 
 def dirty_pages(before: npt.NDArray[np.uint32],
                 after: npt.NDArray[np.uint32]) -> npt.NDArray[np.intp]:
-    """Indices of the pages written since snapshot ``before`` (changed, or a write in progress)."""
+    """Indices of the pages (or disk blocks) written since snapshot ``before`` (changed, or a
+    write in progress)."""
     import numpy as np
 
     if before.shape != after.shape:
@@ -325,22 +338,55 @@ class SimDriver(Driver):
 
     def start(self, vm_id: str, epoch: int) -> GuestInfo:
         """Boot the guest process on fresh memory; a running guest is returned as is."""
-        return self._start(vm_id, epoch, incoming=False)
+        return self._start(vm_id, epoch)
 
     def start_incoming(self, vm_id: str, epoch: int) -> GuestInfo:
-        """Start the guest on memory a migrator wrote (after :meth:`prepare_incoming`)."""
-        return self._start(vm_id, epoch, incoming=True)
+        """Hand a migrated guest over: the guest waiting since :meth:`prepare_incoming` (started
+        now if it is gone) takes over the memory, generations and control header a migrator
+        wrote, with ``epoch``, unthrottled. A guest handed over already is returned as is."""
+        with self._lock(vm_id):
+            config = self._claim_epoch(vm_id, epoch)
+            paths = self.memory_paths(vm_id)
+            proc = self._process(vm_id)
+            if not paths.incoming.exists():
+                if proc is None:
+                    raise InvalidTransition(f"guest {vm_id} on {self.host} has no incoming "
+                                            "migration (call prepare_incoming first)",
+                                            details={"vm_id": vm_id, "host": self.host})
+                _poke(paths.control, EPOCH_OFFSET, epoch.to_bytes(8, "little"))
+                return self._info(config)
+            self._check_incoming(paths, config)
+            if proc is None:
+                paths.pidfile.unlink(missing_ok=True)
+                pid = self._launch(paths, incoming=True)
+            else:
+                pid = proc.pid
+            _signal(pid, signal.SIGUSR1)
+            self._await_phase(vm_id, pid, Phase.RUNNING, poll_s=_FAST_POLL_S)
+            paths.incoming.unlink()
+            log.info("handed guest %s over on %s to pid %d (epoch %d)", vm_id, self.host, pid,
+                     epoch)
+            return self._info(config)
 
     def prepare_incoming(self, vm_id: str) -> SimPaths:
-        """Create zeroed memory, generation and control files to migrate a guest into."""
+        """Create zeroed memory and generation files and a control header to migrate a guest
+        into, and start the guest on them, waiting for :meth:`start_incoming` (so that a process
+        start is no part of the downtime); a guest waiting from an earlier call is replaced."""
         with self._lock(vm_id):
             config = self._load(vm_id)
-            if self._process(vm_id) is not None:
-                raise InvalidTransition(f"guest {vm_id} on {self.host} is running; an incoming "
-                                        "migration needs it stopped",
-                                        details={"vm_id": vm_id, "host": self.host})
             paths = self.memory_paths(vm_id)
+            proc = self._process(vm_id)
+            if proc is not None:
+                if not paths.incoming.exists():
+                    raise InvalidTransition(f"guest {vm_id} on {self.host} is running; an "
+                                            "incoming migration needs it stopped",
+                                            details={"vm_id": vm_id, "host": self.host})
+                _kill(vm_id, proc, signal.SIGKILL)
             self._create_memory(paths, config)
+            paths.incoming.touch()
+            paths.pidfile.unlink(missing_ok=True)
+            pid = self._launch(paths, incoming=True)
+            self._await_phase(vm_id, pid, Phase.INCOMING)
             return paths
 
     def stop(self, vm_id: str, *, force: bool = False, timeout_s: float = 30.0) -> GuestInfo:
@@ -369,7 +415,7 @@ class SimDriver(Driver):
             proc = self._require_running(vm_id, "reboot", paused_ok=False)
             before = self.read_status(vm_id).boot_count
             _signal(proc.pid, signal.SIGHUP)
-            self._await_boot(vm_id, proc.pid, after_boot=before)
+            self._await_phase(vm_id, proc.pid, Phase.RUNNING, after_boot=before)
             log.info("rebooted guest %s (pid %d)", vm_id, proc.pid)
         return self.get(vm_id)
 
@@ -445,7 +491,9 @@ class SimDriver(Driver):
                          disk=guest_dir / _DISK,
                          memory=self._memory_root / f"{vm_id}.mem",
                          generations=self._memory_root / f"{vm_id}.gen",
-                         control=self._memory_root / f"{vm_id}.ctl")
+                         control=self._memory_root / f"{vm_id}.ctl",
+                         disk_generations=self._memory_root / f"{vm_id}.dgen",
+                         incoming=guest_dir / _INCOMING)
         if must_exist and not paths.config.is_file():
             raise NotFound(f"no guest {vm_id} on sim host {self.host}",
                            details={"vm_id": vm_id, "host": self.host})
@@ -582,32 +630,34 @@ class SimDriver(Driver):
                                     details={"vm_id": vm_id, "action": action})
         return proc
 
-    def _start(self, vm_id: str, epoch: int, *, incoming: bool) -> GuestInfo:
+    def _claim_epoch(self, vm_id: str, epoch: int) -> GuestConfig:
+        """The guest's config, now with ``epoch``; StaleEpoch if it started with a later one."""
+        config = self._load(vm_id)
+        if epoch < config.epoch:
+            raise StaleEpoch(f"refusing to start guest {vm_id} with epoch {epoch}: it was "
+                             f"started with epoch {config.epoch}",
+                             details={"vm_id": vm_id, "epoch": epoch,
+                                      "current_epoch": config.epoch})
+        if epoch > config.epoch:
+            config = replace(config, epoch=epoch)
+            self._save(config)
+        return config
+
+    def _start(self, vm_id: str, epoch: int) -> GuestInfo:
         with self._lock(vm_id):
-            config = self._load(vm_id)
-            if epoch < config.epoch:
-                raise StaleEpoch(f"refusing to start guest {vm_id} with epoch {epoch}: it was "
-                                 f"started with epoch {config.epoch}",
-                                 details={"vm_id": vm_id, "epoch": epoch,
-                                          "current_epoch": config.epoch})
-            if epoch > config.epoch:
-                config = replace(config, epoch=epoch)
-                self._save(config)
+            config = self._claim_epoch(vm_id, epoch)
             paths = self.memory_paths(vm_id)
             proc = self._process(vm_id)
             if proc is not None:
                 with contextlib.suppress(FileNotFoundError):
                     _poke(paths.control, EPOCH_OFFSET, epoch.to_bytes(8, "little"))
                 return self._info(config)
-            if incoming:
-                self._check_incoming(paths, config)
-            else:
-                self._create_memory(paths, config)
+            self._create_memory(paths, config)
             paths.pidfile.unlink(missing_ok=True)
-            pid = self._launch(paths, incoming=incoming)
-            self._await_boot(vm_id, pid, after_boot=None)
-            log.info("started guest %s on %s as pid %d (epoch %d%s)", vm_id, self.host, pid,
-                     epoch, ", incoming migration" if incoming else "")
+            pid = self._launch(paths, incoming=False)
+            self._await_phase(vm_id, pid, Phase.RUNNING)
+            log.info("started guest %s on %s as pid %d (epoch %d)", vm_id, self.host, pid,
+                     epoch)
             return self._info(config)
 
     def _create_memory(self, paths: SimPaths, config: GuestConfig) -> None:
@@ -616,6 +666,7 @@ class SimDriver(Driver):
         paths.memory.parent.mkdir(parents=True, exist_ok=True)
         _create_sparse(paths.memory, pages * PAGE_SIZE)
         _create_sparse(paths.generations, pages * GENERATION_SIZE)
+        _create_sparse(paths.disk_generations, _disk_blocks(config) * GENERATION_SIZE)
         header = bytearray(CONTROL_SIZE)
         IDENTITY.pack_into(header, IDENTITY_OFFSET, MAGIC, LAYOUT_VERSION, PAGE_SIZE,
                            zlib.crc32(config.vm_id.encode()), pages, config.epoch)
@@ -626,10 +677,13 @@ class SimDriver(Driver):
         os.replace(tmp, paths.control)
 
     def _check_incoming(self, paths: SimPaths, config: GuestConfig) -> None:
-        """The files a migrator filled must match the guest's size; reset the header's pid."""
+        """The files a migrator filled must match the guest's size; in the header, reset the
+        pid and phase (the guest publishes its own as it takes over), set the epoch and lift a
+        migration's throttle."""
         pages = config.memory_mib * _MIB // PAGE_SIZE
         expected = {paths.memory: pages * PAGE_SIZE,
-                    paths.generations: pages * GENERATION_SIZE, paths.control: CONTROL_SIZE}
+                    paths.generations: pages * GENERATION_SIZE, paths.control: CONTROL_SIZE,
+                    paths.disk_generations: _disk_blocks(config) * GENERATION_SIZE}
         for path, size in expected.items():
             actual = path.stat().st_size if path.exists() else None
             if actual != size:
@@ -643,14 +697,17 @@ class SimDriver(Driver):
                                     f"{paths.control} describes {status.memory_pages} pages, "
                                     f"expected {pages}",
                                     details={"vm_id": config.vm_id})
-        _poke(paths.control, STATUS_OFFSET, bytes(16))  # pid and phase: not launched yet
+        _poke(paths.control, STATUS_OFFSET, bytes(16))  # pid and phase: not taken over yet
         _poke(paths.control, EPOCH_OFFSET, config.epoch.to_bytes(8, "little"))
+        _poke(paths.control, WORKLOAD_OFFSET + 8 * WORKLOAD_FIELDS.index("throttle_pct"),
+              _DOUBLE.pack(0.0))
 
     def _launch(self, paths: SimPaths, *, incoming: bool) -> int:
         """Run the guest detached (setsid here, a second fork in the guest); return its pid."""
         argv = [sys.executable, "-m", _GUEST_MODULE, "--dir", str(paths.guest_dir),
                 "--memory", str(paths.memory), "--generations", str(paths.generations),
-                "--control", str(paths.control), "--disk", str(paths.disk)]
+                "--control", str(paths.control), "--disk", str(paths.disk),
+                "--disk-generations", str(paths.disk_generations)]
         if incoming:
             argv.append("--incoming")
         path = os.pathsep.join(filter(None, [_PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
@@ -672,26 +729,30 @@ class SimDriver(Driver):
                              f"see {paths.log}", details={"log": _tail(paths.log)})
         return pid
 
-    def _await_boot(self, vm_id: str, pid: int, *, after_boot: int | None) -> None:
-        """Wait until the guest runs (and, with ``after_boot``, has booted again)."""
+    def _await_phase(self, vm_id: str, pid: int, phase: Phase, *, after_boot: int | None = None,
+                     poll_s: float = _POLL_S) -> None:
+        """Wait until the guest publishes ``phase`` (and, with ``after_boot``, has booted
+        again)."""
         paths = self.memory_paths(vm_id)
         deadline = time.monotonic() + self._boot_timeout_s
         while True:
             if _live_process(pid, paths.guest_dir) is None:
-                raise GuestError(f"guest {vm_id} (pid {pid}) exited while booting; see "
-                                 f"{paths.log}", details={"log": _tail(paths.log)})
+                raise GuestError(f"guest {vm_id} (pid {pid}) exited before reaching phase "
+                                 f"{phase.name}; see {paths.log}",
+                                 details={"log": _tail(paths.log)})
             status = self._status_or_none(vm_id)
-            if (status is not None and status.pid == pid and status.phase == Phase.RUNNING
+            if (status is not None and status.pid == pid and status.phase == phase
                     and (after_boot is None or status.boot_count > after_boot)):
                 return
             if time.monotonic() > deadline:
                 proc = _live_process(pid, paths.guest_dir)
                 if proc is not None:
                     _kill(vm_id, proc, signal.SIGKILL)
-                raise OperationTimeout(f"guest {vm_id} (pid {pid}) did not boot within "
-                                       f"{self._boot_timeout_s:.0f} s and was killed; see "
-                                       f"{paths.log}", details={"log": _tail(paths.log)})
-            time.sleep(_POLL_S)
+                raise OperationTimeout(f"guest {vm_id} (pid {pid}) did not reach phase "
+                                       f"{phase.name} within {self._boot_timeout_s:.0f} s and "
+                                       f"was killed; see {paths.log}",
+                                       details={"log": _tail(paths.log)})
+            time.sleep(poll_s)
 
     def _freeze(self, vm_id: str, *, pause: bool) -> GuestInfo:
         action = "pause" if pause else "resume"
@@ -707,14 +768,15 @@ class SimDriver(Driver):
                 if time.monotonic() > deadline:
                     raise GuestError(f"guest {vm_id} (pid {proc.pid}) did not {action}",
                                      details={"vm_id": vm_id, "pid": proc.pid})
-                time.sleep(_POLL_S)
+                time.sleep(_FAST_POLL_S)
             log.info("%sd guest %s (pid %d)", action, vm_id, proc.pid)
         return self.get(vm_id)
 
     def _release(self, vm_id: str) -> None:
-        """Forget a guest process that is gone: its pidfile and memory files."""
+        """Forget a guest process that is gone: its pidfile, memory files and incoming marker."""
         paths = self.memory_paths(vm_id, must_exist=False)
-        for path in (paths.pidfile, paths.memory, paths.generations, paths.control):
+        for path in (paths.pidfile, paths.memory, paths.generations, paths.control,
+                     paths.disk_generations, paths.incoming):
             path.unlink(missing_ok=True)
 
     def _status_or_none(self, vm_id: str) -> SimStatus | None:
@@ -804,6 +866,11 @@ def _poke(control: Path, offset: int, data: bytes) -> None:
     """Write ``data`` into a control header through a mapping, so aligned words land whole."""
     with open(control, "r+b") as f, mmap.mmap(f.fileno(), CONTROL_SIZE) as mm:
         mm[offset:offset + len(data)] = data
+
+
+def _disk_blocks(config: GuestConfig) -> int:
+    """The number of DISK_BLOCK blocks of a guest's disk (one generation each)."""
+    return -(-config.disk_gib * _GIB // DISK_BLOCK)
 
 
 def _create_sparse(path: Path, size: int) -> None:

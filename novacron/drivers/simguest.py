@@ -5,12 +5,12 @@ NovaCron manages: an OS process that lives and dies on its own, RAM that is a sh
 the guest keeps writing, a sparse disk image it writes to, and CPU time it burns.
 
 :class:`novacron.drivers.sim.SimDriver` starts it as ``python -m novacron.drivers.simguest
---dir GUEST_DIR --memory M --generations G --control C --disk D [--incoming]`` in a new session
-(setsid). The process forks once more; the parent writes the child's pid to ``GUEST_DIR/pid`` and
-exits, so the guest is reparented to init (or the nearest subreaper), belongs to no actor's
-process group, never lingers as its launcher's zombie and outlives whatever started it. This
-module imports only the standard library (no numpy); with the package's ``__init__`` modules the
-process takes about 13 MB RSS plus the guest memory it touches.
+--dir GUEST_DIR --memory M --generations G --control C --disk D --disk-generations DG
+[--incoming]`` in a new session (setsid). The process forks once more; the parent writes the
+child's pid to ``GUEST_DIR/pid`` and exits, so the guest is reparented to init (or the nearest
+subreaper), belongs to no actor's process group, never lingers as its launcher's zombie and
+outlives whatever started it. This module imports only the standard library (no numpy); with the
+package's ``__init__`` modules the process takes about 13 MB RSS plus the guest memory it touches.
 
 Files (sizes are fixed by the driver before launch)::
 
@@ -18,7 +18,9 @@ Files (sizes are fixed by the driver before launch)::
     generations  one native-endian uint32 per 4 KiB page: the page's write generation
     control      a 4 KiB header: IDENTITY at 0 and WORKLOAD at 128 (written by the driver),
                  STATUS at 64 (written by the guest, once per tick)
-    disk         the disk image, written with pwrite at the workload's disk rate
+    disk         the disk image, written with pwrite at the workload's disk rate, at most one
+                 64 KiB block (DISK_BLOCK) per write, at block-aligned offsets
+    disk-generations  one native-endian uint32 per 64 KiB block of the disk: its write generation
 
 Write-generation protocol (dirty tracking for pre-copy live migration)
 ---------------------------------------------------------------------
@@ -41,9 +43,24 @@ two processes. The guest's stores become visible in program order on x86-64 (TSO
 started ``--incoming`` on migrated memory and generations first makes every odd generation even
 (+1): the half-done write was copied as it stood and is over.
 
+Disk writes follow the same protocol with the disk generations, one per 64 KiB block: ``+1``,
+``pwrite`` (one block at most, at a block-aligned offset), ``+1``. A migrator that snapshots them
+before copying blocks knows every block written since, so a live migration sends only those blocks
+while the guest is paused. They count writes since the guest process started (the file lives in
+shared memory, like the memory generations); an incoming guest starts them from zero.
+
+Incoming migration
+------------------
+A guest started ``--incoming`` maps its files, publishes phase INCOMING and waits, as a QEMU
+started with ``-incoming`` does, so that starting a process is not part of a migration's downtime.
+The migrator fills its memory and generations meanwhile, and at switchover writes the source's
+control header (counters and workload) and sends SIGUSR1: the guest then takes over (counters
+from the header, odd generations made even) and runs. SIGTERM while it waits ends it.
+
 Signals: SIGTERM (or SIGINT) shuts down cleanly; SIGHUP reboots (boot_count + 1, same pid, memory
 kept, the boot populates its working set again, as a reset QEMU guest keeps its RAM); SIGSTOP and
-SIGCONT pause and resume it for real.
+SIGCONT pause and resume it for real; SIGUSR1 hands an incoming guest over (it stays blocked
+otherwise, so a late one does nothing).
 """
 
 from __future__ import annotations
@@ -69,7 +86,7 @@ MAGIC = b"NCSG"
 LAYOUT_VERSION = 1
 TICK_S = 0.01
 BLOCK_PAGES = 64  # the working set is made of 256 KiB blocks of contiguous pages
-DISK_CHUNK = 64 * 1024
+DISK_BLOCK = 64 * 1024  # the unit of disk writes and of the disk generations
 
 # Identity: written by the driver when it creates the file. Offset 0.
 IDENTITY = struct.Struct("<4sIIIQQ")
@@ -88,6 +105,7 @@ WORKLOAD_FIELDS = ("dirty_rate_mib_s", "cpu_busy", "disk_write_mib_s", "throttle
 WORKLOAD_OFFSET = 128
 
 _LINE = struct.Struct("<8Q")
+_ODD = bytes(i & 1 for i in range(256))  # translation table: byte -> its lowest bit
 _ZERO_PAGE = bytes(PAGE_SIZE)
 _STAMP = struct.Struct("<QQ")
 _MIB = 1024 * 1024
@@ -106,13 +124,14 @@ class Phase(IntEnum):
     BOOTING = 1  # populating its working set
     RUNNING = 2
     STOPPING = 3  # shutting down cleanly
+    INCOMING = 4  # started --incoming: waiting for a migrator to hand its memory over
 
 
 class Guest:
     """The guest's memory, disk and workload loop."""
 
-    def __init__(self, memory: str, generations: str, control: str, disk: str, *,
-                 incoming: bool) -> None:
+    def __init__(self, memory: str, generations: str, control: str, disk: str,
+                 disk_generations: str, *, incoming: bool) -> None:
         self._ctl = _map(control, CONTROL_SIZE)
         magic, version, page_size, seed, pages, _epoch = IDENTITY.unpack_from(
             self._ctl, IDENTITY_OFFSET)
@@ -124,18 +143,12 @@ class Guest:
         self._gen = memoryview(self._gen_map).cast("I")
         self._disk_fd = os.open(disk, os.O_WRONLY | os.O_CLOEXEC)
         self._disk_size = os.fstat(self._disk_fd).st_size
+        disk_blocks = -(-self._disk_size // DISK_BLOCK)
+        self._disk_gen = memoryview(_map(disk_generations, disk_blocks * GENERATION_SIZE)
+                                    if disk_blocks else bytearray()).cast("I")
         self._pages = pages
         self._seed = seed
-        status = dict(zip(STATUS_FIELDS, STATUS.unpack_from(self._ctl, STATUS_OFFSET),
-                          strict=True))
-        self._boot_count = status["boot_count"]
-        self._ticks = status["ticks"]
-        self._dirtied = status["pages_dirtied_total"]
-        self._disk_written = status["disk_bytes_written"]
-        self._touched = bytearray(pages)  # fresh memory (a cold start) is all zero
-        if incoming:
-            self._adopt_generations()
-        self._touched_count = self._touched.count(1)
+        self._load_counters()
         self._incoming = incoming
         self._phase = Phase.BOOTING
         self._rng = random.Random()
@@ -148,14 +161,27 @@ class Guest:
         self._stopping = False
         self._reboot = False
 
+    def _load_counters(self) -> None:
+        """Carry on the counters in the status header (a reboot, or the source's, migrated)."""
+        status = dict(zip(STATUS_FIELDS, STATUS.unpack_from(self._ctl, STATUS_OFFSET),
+                          strict=True))
+        self._boot_count = status["boot_count"]
+        self._ticks = status["ticks"]
+        self._dirtied = status["pages_dirtied_total"]
+        self._touched_count = status["touched_pages"]  # pages whose generation is not zero
+        self._disk_written = status["disk_bytes_written"]
+
     def _adopt_generations(self) -> None:
-        """Mark migrated pages touched; complete writes a migration caught half done."""
-        gen = self._gen
-        for page, value in enumerate(gen):
-            if value:
-                self._touched[page] = 1
-                if value & 1:  # its bytes were copied as they were: the write is over
-                    gen[page] = (value + 1) & GENERATION_MASK
+        """Complete the writes a migration caught half done (odd generations).
+
+        It runs within a migration's downtime, so it scans a byte string, not page by page.
+        """
+        low = 0 if sys.byteorder == "little" else GENERATION_SIZE - 1
+        odd = self._gen_map[low::GENERATION_SIZE].translate(_ODD)
+        page = odd.find(1)
+        while page >= 0:  # its bytes were copied as they were: the write is over
+            self._gen[page] = (self._gen[page] + 1) & GENERATION_MASK
+            page = odd.find(1, page + 1)
 
     # -- signals ----------------------------------------------------------------------------
     def _on_stop(self, signum: int, frame: FrameType | None) -> None:
@@ -213,8 +239,7 @@ class Guest:
             mem[off:off + PAGE_SIZE] = _ZERO_PAGE
         gen[page] = (before + 2) & GENERATION_MASK
         self._dirtied += 1
-        if not self._touched[page]:
-            self._touched[page] = 1
+        if not before:  # the first write to this page
             self._touched_count += 1
 
     def _populate(self) -> None:
@@ -249,20 +274,25 @@ class Guest:
 
     # -- disk -------------------------------------------------------------------------------
     def _write_disk(self, nbytes: int) -> None:
-        """Write ``nbytes`` to the disk image: mostly a sequential log, some random blocks."""
-        blocks = self._disk_size // DISK_CHUNK
+        """Write ``nbytes`` to the disk image: mostly a sequential log, some random blocks,
+        each write under the generation protocol (see the module docstring)."""
+        blocks = self._disk_size // DISK_BLOCK
+        gen = self._disk_gen
         if nbytes <= 0 or not blocks:
             return
-        data = (self._templates[0] * (DISK_CHUNK // PAGE_SIZE // 2)
-                + self._rng.randbytes(DISK_CHUNK // 2))
+        data = (self._templates[0] * (DISK_BLOCK // PAGE_SIZE // 2)
+                + self._rng.randbytes(DISK_BLOCK // 2))
         while nbytes > 0:
-            size = min(DISK_CHUNK, nbytes)
+            size = min(DISK_BLOCK, nbytes)
             if self._rng.random() < 0.8:
                 self._disk_cursor = (self._disk_cursor + 1) % blocks
                 block = self._disk_cursor
             else:
                 block = self._rng.randrange(blocks)
-            self._disk_written += os.pwrite(self._disk_fd, data[:size], block * DISK_CHUNK)
+            before = gen[block]
+            gen[block] = (before + 1) & GENERATION_MASK
+            self._disk_written += os.pwrite(self._disk_fd, data[:size], block * DISK_BLOCK)
+            gen[block] = (before + 2) & GENERATION_MASK
             nbytes -= size
 
     # -- life -------------------------------------------------------------------------------
@@ -298,19 +328,36 @@ class Guest:
         self._ticks += 1
         self._publish()
 
+    def _await_handover(self) -> bool:
+        """Publish INCOMING and wait for SIGUSR1 (True: take over) or SIGTERM (False)."""
+        self._phase = Phase.INCOMING
+        self._publish()
+        while not self._stopping:
+            if signal.sigtimedwait([signal.SIGUSR1], 0.1) is not None:
+                return True
+        return False
+
+    def _take_over(self) -> None:
+        """Run on from where the source stopped: its counters and workload (the control header
+        the migrator wrote) and its memory, without booting."""
+        started = time.perf_counter()
+        self._load_counters()
+        self._adopt_generations()
+        self._layout(self._workload()["populate_fraction"])
+        self._phase = Phase.RUNNING
+        self._publish()
+        log.info("took over migrated memory in %.1f ms: %d of %d pages touched",
+                 (time.perf_counter() - started) * 1000, self._touched_count, self._pages)
+
     def run(self) -> None:
-        """Boot (or take over migrated memory when incoming) and run until SIGTERM."""
+        """Boot (or, incoming, wait for a migration's handover) and run until SIGTERM."""
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_reboot)
-        if self._incoming:
-            self._layout(self._workload()["populate_fraction"])
-            self._phase = Phase.RUNNING
-            self._publish()
-            log.info("took over migrated memory: %d of %d pages touched",
-                     self._touched_count, self._pages)
-        else:
+        if not self._incoming:
             self._boot()
+        elif self._await_handover():
+            self._take_over()
         last = next_tick = time.monotonic()
         while not self._stopping:
             if self._reboot:
@@ -370,10 +417,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generations", required=True)
     parser.add_argument("--control", required=True)
     parser.add_argument("--disk", required=True)
+    parser.add_argument("--disk-generations", required=True)
     parser.add_argument("--incoming", action="store_true",
-                        help="take over memory written by a migrator instead of booting")
+                        help="wait for a migrator to hand memory over (SIGUSR1), then run on it "
+                             "instead of booting")
     args = parser.parse_args(argv)
     pidfile = os.path.join(args.dir, "pid")
+    # Blocked before the fork, so it is blocked as soon as the pidfile names the guest: only
+    # sigtimedwait takes it (an incoming guest's handover); elsewhere it stays pending.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     child = os.fork()
     if child:
         _write_pidfile(pidfile, child)
@@ -382,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(message)s")
     try:
-        Guest(args.memory, args.generations, args.control, args.disk,
+        Guest(args.memory, args.generations, args.control, args.disk, args.disk_generations,
               incoming=args.incoming).run()
     except (OSError, GuestSetupError) as exc:
         log.error("guest failed: %s", exc)

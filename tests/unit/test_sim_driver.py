@@ -15,13 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 import novacron
 from novacron.drivers import sim
 from novacron.drivers.base import Capability, GuestConfig, driver_class
 from novacron.drivers.sim import SimDriver, dirty_pages, read_generations
-from novacron.drivers.simguest import PAGE_SIZE, Phase
+from novacron.drivers.simguest import DISK_BLOCK, PAGE_SIZE, Phase
 from novacron.errors import (
     Conflict,
     GuestError,
@@ -194,6 +195,36 @@ def test_dirty_rate_moves_generations(driver: SimDriver) -> None:
     assert max(ratios) > 0.9
 
 
+def test_disk_writes_move_disk_generations(driver: SimDriver) -> None:
+    driver.define(guest("vm-disk", dirty_rate_mib_s=0, disk_write_mib_s=16))
+    driver.start("vm-disk", epoch=1)
+    paths = driver.memory_paths("vm-disk")
+    head = 1024 * DISK_BLOCK  # its log is written from the start of the disk
+
+    def read_head() -> npt.NDArray[np.uint8]:
+        return np.fromfile(paths.disk, dtype=np.uint8, count=head).reshape(-1, DISK_BLOCK)
+
+    g0 = read_generations(paths.disk_generations)  # a snapshot, then the bytes
+    blocks = read_head()
+    written = driver.read_status("vm-disk").disk_bytes_written
+    wait_for(lambda: driver.read_status("vm-disk").disk_bytes_written > written + 2 * 1024**2)
+    after = read_head()
+    g1 = read_generations(paths.disk_generations)  # the bytes, then a snapshot
+    changed = np.flatnonzero((blocks != after).any(axis=1))
+    dirty = dirty_pages(g0, g1)
+    assert len(changed) > 0
+    assert np.isin(changed, dirty).all()  # every block whose bytes changed is dirty
+    # With the rate at zero the disk generations settle: all even, nothing dirty.
+    driver.set_workload("vm-disk", disk_write_mib_s=0)
+    ticks = driver.read_status("vm-disk").ticks
+    wait_for(lambda: driver.read_status("vm-disk").ticks > ticks + 2)
+    g2 = read_generations(paths.disk_generations)
+    ticks = driver.read_status("vm-disk").ticks
+    wait_for(lambda: driver.read_status("vm-disk").ticks > ticks + 5)
+    assert len(dirty_pages(g2, read_generations(paths.disk_generations))) == 0
+    assert not (g2 & 1).any()
+
+
 def test_set_workload_validates(driver: SimDriver) -> None:
     driver.define(guest("vm-work"))
     with pytest.raises(InvalidTransition):
@@ -314,6 +345,7 @@ def test_memory_and_disk_are_sparse(driver: SimDriver) -> None:
     assert 0 < touched <= size // 10
     assert paths.memory.stat().st_blocks * 512 <= touched + 1024**2
     assert paths.generations.stat().st_size == size // PAGE_SIZE * 4
+    assert paths.disk_generations.stat().st_size == 1024**3 // DISK_BLOCK * 4
 
 
 def test_undefine_refuses_running_and_keeps_storage_on_request(driver: SimDriver) -> None:
@@ -366,9 +398,12 @@ def test_incoming_guest_takes_over_migrated_memory(driver: SimDriver, tmp_path: 
     driver.define(guest("vm-move"))
     target.define(guest("vm-move"))
     driver.start("vm-move", epoch=1)
-    driver.set_workload("vm-move", dirty_rate_mib_s=0)
+    driver.set_workload("vm-move", dirty_rate_mib_s=0, throttle_pct=40)  # auto-converge
     driver.pause("vm-move")
     src, dst = driver.memory_paths("vm-move"), target.prepare_incoming("vm-move")
+    waiting = target.get("vm-move")  # started, waiting for the handover
+    assert waiting.state == VMState.PAUSED
+    assert target.read_status("vm-move").phase == Phase.INCOMING
     gens = read_generations(src.generations)
     source_memory = src.memory.read_bytes()
     with open(src.memory, "rb") as fin, open(dst.memory, "r+b") as fout:
@@ -383,8 +418,14 @@ def test_incoming_guest_takes_over_migrated_memory(driver: SimDriver, tmp_path: 
     driver.stop("vm-move", force=True)
     info = target.start_incoming("vm-move", epoch=2)
     assert info.state == VMState.RUNNING
+    assert info.guest_id == waiting.guest_id  # the waiting process took over
     status = target.read_status("vm-move")
     assert (status.boot_count, status.epoch, status.pid) == (1, 2, int(info.guest_id or 0))
+    assert status.touched_pages == int((gens != 0).sum())  # the source's count, carried on
+    assert status.throttle_pct == 0  # a migration's throttle ends with it
+    assert target.start_incoming("vm-move", epoch=2).guest_id == info.guest_id  # idempotent
+    with pytest.raises(InvalidTransition, match="running"):
+        target.prepare_incoming("vm-move")  # never over a guest that runs
     assert dst.memory.read_bytes() == source_memory
     adopted = read_generations(dst.generations)
     assert not (adopted & 1).any()  # the half-done write counts as complete
@@ -394,3 +435,16 @@ def test_incoming_guest_takes_over_migrated_memory(driver: SimDriver, tmp_path: 
     target.stop("vm-move", force=True)
     with pytest.raises(InvalidTransition):
         target.start_incoming("vm-move", epoch=2)  # memory is gone after a stop
+
+
+def test_a_waiting_incoming_guest_is_replaced_or_stopped(driver: SimDriver) -> None:
+    driver.define(guest("vm-wait"))
+    driver.prepare_incoming("vm-wait")
+    first = driver.get("vm-wait").guest_id
+    driver.prepare_incoming("vm-wait")  # a migration that starts again: a fresh one waits
+    second = driver.get("vm-wait")
+    assert second.state == VMState.PAUSED
+    assert second.guest_id != first
+    assert not still_alive(int(first or 0), "")
+    assert driver.stop("vm-wait").state == VMState.STOPPED  # SIGTERM ends the wait
+    assert not driver.memory_paths("vm-wait").incoming.exists()
