@@ -27,7 +27,10 @@ shared by the three drivers, all optional; each driver adds its own (region, zon
     ``{"source": "env"}``, ``{"source": "profile", "profile": "name"}`` (AWS),
     ``{"source": "file", "path": "/etc/novacron/aws.json"}`` or ``{"source": "anonymous"}``
     (local endpoints only). What a reference points at is re-read when it changes or expires
-    and the clients are rebuilt, without restarting anything.
+    and the clients are rebuilt, without restarting anything. It is resolved where the host's
+    agents run (Ray workers on the host's node, and the migration's on the source's): a file
+    must be readable there, and an environment reference reads the variables the Ray node was
+    started with.
 ``capacity``
     ``{"cpus", "memory_mib", "disk_gib"}``; what is not given comes from the vCPU quota, with
     ``memory_per_cpu_mib`` (4096) per vCPU and ``disk_gib`` 51200.
