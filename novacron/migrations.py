@@ -132,7 +132,7 @@ def prediction(vm: VM, mode: str, policy: MigrationPolicy, *,
         disk_bytes=vm.spec.disk_gib * _GIB if disk_bytes is None else disk_bytes,
         memory_bytes=vm.spec.memory_mib * _MIB if mode == "live" else 0,
         memory_dirty_rate=work.dirty_rate_mib_s * _MIB,
-        disk_dirty_rate=min(work.disk_write_mib_s * _MIB, link / 2),
+        disk_dirty_rate=work.disk_write_mib_s * _MIB,
         device_state_bytes=4096,
     )
     return predict(mode, workload, precopy_policy(policy))  # type: ignore[arg-type]

@@ -6,9 +6,10 @@ Modes, as NovaCron runs them:
 * warm: the disk is copied while the guest runs, then again what it wrote meanwhile, pass after
   pass, until the rest fits the downtime limit (or the passes run out); the guest is then stopped,
   the rest moved, and the guest started on the target (memory is not moved).
-* live: the disk as in warm mode but with the guest's writes mirrored, then memory by iterative
-  pre-copy (``precopy.decide``, with auto-converge and post-copy as the policy says); the downtime
-  is the last dirty set and the device state.
+* live: the disk copied once while the guest runs, then memory by iterative pre-copy
+  (``precopy.decide``, with auto-converge and post-copy as the policy says), each pass also
+  sending the disk blocks written meanwhile; the downtime is the last dirty set (pages and disk
+  blocks) and the device state.
 
 The model is fluid: a guest dirties ``rate`` distinct bytes per second (scaled down by a CPU
 throttle), never more than the memory or disk it has, and the link moves ``bandwidth`` bytes/s
@@ -136,33 +137,27 @@ def predict(mode: Mode, workload: Workload, policy: PrecopyPolicy | None = None)
         )
     if mode != "live":
         raise InvalidRequest("unknown migration mode", details={"mode": mode})
-    # Disk first, then memory; the guest's disk writes are mirrored all along, taking their
-    # share of the link.
-    mirror = w.disk_dirty_rate
-    if mirror >= tput:
-        raise InvalidRequest(
-            "the guest writes its disk faster than the link can mirror it",
-            details={"disk_dirty_rate": mirror, "throughput": tput},
-        )
-    mem_tput = tput - mirror
-    disk_s = w.disk_bytes / mem_tput
+    # Disk first, while the guest runs; then passes of memory and of the disk blocks written
+    # meanwhile (those of the disk copy go with the first pass).
+    disk_s = w.disk_bytes / tput
+    written = w.disk_dirty_rate * disk_s
     run = _iterate(
-        w.memory_bytes,
-        w.memory_dirty_rate,
-        w.memory_bytes,
-        mem_tput,
+        w.memory_bytes + written,
+        w.memory_dirty_rate + w.disk_dirty_rate,
+        w.memory_bytes + max(w.disk_bytes, written),
+        tput,
         w.device_state_bytes,
         policy,
     )
     state_s = w.device_state_bytes / w.bandwidth
     if run.action is Action.POST_COPY:
         downtime = state_s
-        tail_s = run.rest / mem_tput
+        tail_s = run.rest / tput
     else:
-        downtime = run.rest / mem_tput + state_s
+        downtime = run.rest / tput + state_s
         tail_s = downtime
     duration = disk_s + run.seconds + tail_s
-    payload = w.disk_bytes + mirror * duration + run.payload + run.rest
+    payload = w.disk_bytes + run.payload + run.rest
     return Prediction(
         mode,
         run.passes + 1,

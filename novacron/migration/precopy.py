@@ -1,8 +1,9 @@
 """Iterative pre-copy of guest memory: after each pass, decide what the next step is.
 
 The first pass sends every non-zero page; each later pass sends the pages the guest dirtied
-meanwhile (its dirty log). Once what is left fits the downtime limit at the measured bandwidth
-the guest is paused and the rest, with the device state, is sent (stop-and-copy). When the guest
+meanwhile (its dirty log), and with a disk that is not shared, the disk blocks it wrote meanwhile.
+Once what is left of both fits the downtime limit at the measured bandwidth the guest is paused
+and the rest, with the device state, is sent (stop-and-copy). When the guest
 dirties memory faster than it can be sent, two policy options (both off by default) help:
 auto-converge throttles the guest's CPU in steps as QEMU does (20 %, then +10 % per step, up to
 99 %, each time two passes dirtied more than half of what they sent), and post-copy switches over
@@ -48,11 +49,18 @@ class PrecopyPolicy:
 
 @dataclass(frozen=True)
 class PassReport:
-    """What one pass measured: bytes sent, its duration, bytes dirty when it ended."""
+    """What one pass measured: bytes sent (memory and disk), its duration, and the bytes of
+    memory and of disk dirty when it ended (what the next pass, or the pause, must send)."""
 
     bytes_sent: int
     seconds: float
     bytes_dirty: int
+    disk_bytes_dirty: int = 0
+
+    @property
+    def dirty(self) -> int:
+        """Memory and disk bytes dirty when the pass ended."""
+        return self.bytes_dirty + self.disk_bytes_dirty
 
 
 @dataclass(frozen=True)
@@ -95,8 +103,8 @@ def decide(
         bandwidth = last.bytes_sent / last.seconds
     if bandwidth <= 0:
         raise InvalidRequest("bandwidth must be positive", details={"bandwidth": bandwidth})
-    downtime = (last.bytes_dirty + device_state_bytes) / bandwidth
-    high = last.bytes_dirty > policy.throttle_trigger * last.bytes_sent
+    downtime = (last.dirty + device_state_bytes) / bandwidth
+    high = last.dirty > policy.throttle_trigger * last.bytes_sent
     state = replace(
         state,
         passes=state.passes + 1,
@@ -108,7 +116,7 @@ def decide(
 
     if downtime <= policy.downtime_limit_s:
         return decision(Action.STOP_AND_COPY, "the rest fits the downtime limit")
-    if last.bytes_dirty == 0:
+    if last.dirty == 0:
         return decision(Action.STOP_AND_COPY, "nothing left to pre-copy; only the device state")
     throttle_left = policy.auto_converge and state.throttle_pct < policy.throttle_max_pct
     if state.passes >= policy.max_passes:
@@ -119,8 +127,8 @@ def decide(
         throttled = replace(
             state, throttle_pct=next_throttle(policy, state.throttle_pct), high_dirty_passes=0
         )
-        reason = "the guest dirties memory faster than it is sent"
+        reason = "the guest dirties memory (or disk) faster than it is sent"
         return decision(Action.THROTTLE, reason, throttled)
-    if policy.post_copy and not throttle_left and last.bytes_dirty >= last.bytes_sent:
+    if policy.post_copy and not throttle_left and last.dirty >= last.bytes_sent:
         return decision(Action.POST_COPY, "pre-copy makes no progress; the target pulls the rest")
     return decision(Action.CONTINUE, "send the pages dirtied meanwhile")

@@ -38,6 +38,22 @@ def test_continues_while_the_dirty_set_shrinks() -> None:
     assert step.action is Action.STOP_AND_COPY
 
 
+def test_dirty_disk_blocks_count_towards_the_downtime() -> None:
+    # 100 MB of memory fits 0.3 s at 1 GB/s; with 250 MB of disk blocks written meanwhile the
+    # pause would take 0.35 s, so one more pass.
+    memory_only = PassReport(GB, 1.0, 100_000_000)
+    assert decide(PrecopyPolicy(), PrecopyState(), memory_only).action is Action.STOP_AND_COPY
+    with_disk = PassReport(GB, 1.0, 100_000_000, disk_bytes_dirty=250_000_000)
+    step = decide(PrecopyPolicy(), PrecopyState(), with_disk)
+    assert step.action is Action.CONTINUE
+    assert step.expected_downtime_s == pytest.approx(0.35)
+    # a guest that only writes its disk, faster than it is sent, is throttled
+    policy = PrecopyPolicy(auto_converge=True)
+    disk_hot = PassReport(GB, 1.0, 0, disk_bytes_dirty=800_000_000)
+    step = decide(policy, decide(policy, PrecopyState(), disk_hot).state, disk_hot)
+    assert step.action is Action.THROTTLE
+
+
 def test_nothing_dirty_stops_even_with_a_large_device_state() -> None:
     step = decide(PrecopyPolicy(), PrecopyState(), PassReport(GB, 1.0, 0), device_state_bytes=GB)
     assert step.action is Action.STOP_AND_COPY
