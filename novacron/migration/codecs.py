@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 import zstandard
 
 from novacron.errors import InvalidRequest
@@ -181,36 +182,52 @@ class PageEncoder:
         *,
         resend: bool,
     ) -> bytes:
-        """A batch of frames for ``pages`` of ``memory`` (for instance the dirty log's pages);
-        the deltas of the pages sent again are computed together (:func:`xbzrle.encode_batch`)."""
-        view, size = memoryview(memory), self.page_size
-        with view:
-            batch = [(i, view[i * size : (i + 1) * size].tobytes()) for i in pages]
+        """A batch of frames for ``pages`` of ``memory`` (for instance the dirty log's pages),
+        the same as :meth:`encode` page by page; zero pages are found, and the deltas of pages
+        sent again computed (:func:`xbzrle.encode_batch`), for the whole batch at once."""
+        index = np.fromiter(pages, dtype=np.intp)
+        size = self.page_size
+        with memoryview(memory) as view:
+            whole = np.frombuffer(view, dtype=np.uint8)
+            rows = whole.reshape(-1, size)[index]
+            del whole  # release the view before it closes
+        words = rows.view(np.uint64) if size % 8 == 0 else rows
+        zero: npt.NDArray[np.bool_] = np.logical_not(words.any(axis=1))
         deltas: dict[int, bytes | None] = {}
         if resend:
-            cached = [(i, page, old) for i, page in batch
-                      if (old := self.cache.get(i)) is not None and not is_zero(page)]
+            cached = [(n, i, old) for n, i in enumerate(index.tolist())
+                      if not zero[n] and (old := self.cache.get(i)) is not None]
             if cached:
                 olds = np.frombuffer(b"".join(old for _, _, old in cached), dtype=np.uint8)
-                news = np.frombuffer(b"".join(page for _, page, _ in cached), dtype=np.uint8)
-                found = xbzrle.encode_batch(olds.reshape(-1, size), news.reshape(-1, size))
-                deltas = dict(zip((i for i, _, _ in cached), found, strict=True))
-        return make_batch(self._encode(i, page, resend=resend, deltas=deltas) for i, page in batch)
+                found = xbzrle.encode_batch(olds.reshape(-1, size),
+                                            rows[[n for n, _, _ in cached]])
+                deltas = dict(zip((i for _, i, _ in cached), found, strict=True))
+        frames = []
+        for n, i in enumerate(index.tolist()):
+            if zero[n]:
+                self.cache.discard(i)
+                frames.append(frame_header(i, FrameKind.ZERO, 0))
+            elif not resend:
+                self.cache.discard(i)
+                frames.append(self._blocks.encode_nonzero(i, rows[n].data))
+            else:
+                frames.append(self._resend(i, rows[n].tobytes(), deltas))
+        return make_batch(frames)
 
     def encode(self, index: int, page: bytes, *, resend: bool) -> bytes:
         """One frame for ``page``; ``resend`` is False during the first (bulk) pass, whose pages
         are not cached (as in QEMU, only pages dirtied again are worth the cache)."""
-        return self._encode(index, page, resend=resend, deltas={})
-
-    def _encode(self, index: int, page: bytes, *, resend: bool,
-                deltas: dict[int, bytes | None]) -> bytes:
-        """:meth:`encode`, with the deltas against the cached pages found already."""
         if is_zero(page):
             self.cache.discard(index)
             return frame_header(index, FrameKind.ZERO, 0)
         if not resend:
             self.cache.discard(index)
             return self._blocks.encode_nonzero(index, page)
+        return self._resend(index, page, {})
+
+    def _resend(self, index: int, page: bytes, deltas: dict[int, bytes | None]) -> bytes:
+        """The frame of a non-zero page sent again (``deltas``: against the cached versions,
+        where found already); the page becomes the cached version."""
         previous = self.cache.get(index)
         self.cache.put(index, page)
         if previous is None:
