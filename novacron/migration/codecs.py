@@ -174,6 +174,7 @@ class PageEncoder:
         self._blocks = BlockEncoder(level)
         self.cache = cache
         self.page_size = page_size
+        self.zero_pages = 0  # zero frames encoded so far
 
     def encode_pages(
         self,
@@ -193,6 +194,7 @@ class PageEncoder:
             del whole  # release the view before it closes
         words = rows.view(np.uint64) if size % 8 == 0 else rows
         zero: npt.NDArray[np.bool_] = np.logical_not(words.any(axis=1))
+        self.zero_pages += int(zero.sum())
         deltas: dict[int, bytes | None] = {}
         if resend:
             cached = [(n, i, old) for n, i in enumerate(index.tolist())
@@ -219,6 +221,7 @@ class PageEncoder:
         are not cached (as in QEMU, only pages dirtied again are worth the cache)."""
         if is_zero(page):
             self.cache.discard(index)
+            self.zero_pages += 1
             return frame_header(index, FrameKind.ZERO, 0)
         if not resend:
             self.cache.discard(index)

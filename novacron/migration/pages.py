@@ -25,13 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from novacron.errors import InvalidRequest
-from novacron.migration.codecs import (
-    NO_COMPRESSION,
-    FrameKind,
-    PageDecoder,
-    PageEncoder,
-    iter_frames,
-)
+from novacron.migration.codecs import NO_COMPRESSION, PageDecoder, PageEncoder
 from novacron.migration.throttle import TokenBucket
 from novacron.migration.xbzrle import PageCache
 
@@ -125,10 +119,10 @@ class PageReader:
             if nonzero.all():
                 return RawPages(np.empty(0, np.int64), index, data)
             return RawPages(index[~nonzero], index[nonzero], data[nonzero])
+        zero = self.encoder.zero_pages
         frames = self.encoder.encode_pages(self._map, pages.tolist(),
                                            resend=resend and self.xbzrle)
-        zero = sum(1 for frame in iter_frames(frames) if frame.kind is FrameKind.ZERO)
-        return FramePages(frames, len(pages), zero)
+        return FramePages(frames, len(pages), self.encoder.zero_pages - zero)
 
     def close(self) -> None:
         del self._pages  # release the buffer before the mapping closes

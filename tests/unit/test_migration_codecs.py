@@ -102,6 +102,7 @@ def test_page_stream_sends_deltas_for_pages_sent_again() -> None:
 
     kinds = send(list(range(8)), resend=False)
     assert kinds[1] is FrameKind.ZERO
+    assert encoder.zero_pages == 1
     assert FrameKind.XBZRLE not in kinds
     assert received == memory
     # The guest dirties a few bytes of some pages: the first resend fills the cache, the next

@@ -67,7 +67,7 @@ def test_refused_modes_and_options_say_why() -> None:
         rules.check_supported("live", MigrationPolicy(), "sim", "nope")
     assert refused.value.details == {"source_driver": "sim", "target_driver": "nope"}
     rules.check_supported("live", MigrationPolicy(compress=True, xbzrle=True), "sim", "sim")
-    with pytest.raises(NotSupported, match="post_copy: a sim guest .* no page-fault path"):
+    with pytest.raises(NotSupported, match=r"post_copy: a sim guest .* no page-fault path"):
         rules.check_supported("live", MigrationPolicy(post_copy=True, xbzrle=True), "sim", "sim")
 
 
