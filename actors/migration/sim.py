@@ -3,11 +3,12 @@
 Cold: stop the guest, delta-sync its disk image, start it on the target. Warm: delta-sync the
 disk while the guest runs (up to three passes), then stop it, sync the rest and start it on the
 target (memory is not moved: the guest boots again). Live: delta-sync the disk while the guest
-runs, pre-copy its memory pass after pass (first every page ever written, then the pages dirtied
-meanwhile, from the guest's write generations) until the rest fits the downtime limit at the
-measured rate (:func:`novacron.migration.precopy.decide`, with auto-converge throttling the guest
-as an option), then pause it, copy the last dirty pages, the generations, the control header and
-the disk delta, and start it ``--incoming`` on the target.
+runs, then pre-copy its memory pass after pass (first every page ever written, then the pages
+dirtied meanwhile, from the guest's write generations), each pass also sending the disk blocks it
+wrote meanwhile (:mod:`actors.migration.disk`), until the rest of both fits the downtime limit at
+the measured rate (:func:`novacron.migration.precopy.decide`, with auto-converge throttling the
+guest as an option); then pause it, copy the last dirty pages and disk blocks, the generations and
+the control header, and hand it over to the guest waiting ``--incoming`` on the target.
 
 Pages travel as batches of :mod:`novacron.migration.pages` (zero pages as bare indices; with
 ``policy.compress`` zstd, with ``policy.xbzrle`` deltas for pages sent again) to the target's end
@@ -25,15 +26,18 @@ from typing import Any
 
 import numpy as np
 
+from actors.migration.disk import block_writer, disk_digests
 from actors.migration.run import MIB, P, Run, Stop
 from actors.migration.stream import LocalTarget, RemoteTarget, TargetEnd
+from actors.options import placement
 from actors.sync_tasks import sync_file
 from novacron import migrations as rules
 from novacron.drivers.base import GuestInfo
 from novacron.drivers.sim import SimDriver, dirty_pages, read_generations
-from novacron.errors import NovaCronError
+from novacron.errors import NotSupported, NovaCronError
 from novacron.migration.codecs import choose_zstd_level
 from novacron.migration.delta import SyncCheckpoint, SyncReport
+from novacron.migration.diskblocks import DiskMirror
 from novacron.migration.pages import PAGE_SIZE, PageReader, PassResult, memory_digest, send_pages
 from novacron.migration.precopy import Action, PassReport, PrecopyState, decide
 from novacron.states import VMState
@@ -54,8 +58,6 @@ class SimRun(Run):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.disk_bytes = 0
-        self.disk_digest: str | None = None
-        self.disk_written: int | None = None  # the guest's disk byte counter when a sync began
         self._target: TargetEnd | None = None
         self.reader: PageReader | None = None  # the source memory, while pages are sent
         self.memory_wire = 0  # bytes the memory pages took on the wire, all passes
@@ -90,8 +92,13 @@ class SimRun(Run):
         self.outcome["disk_bytes_sent"] = self.disk_bytes
 
     def start_on_target(self, epoch: int, desired: str) -> GuestInfo:
-        if self.m.mode == "live" or desired in ("running", "paused"):
-            return self.target.start(epoch, incoming=self.m.mode == "live")
+        if self.m.mode == "live":
+            started = time.monotonic()
+            info = self.target.start(epoch, incoming=True)
+            self.outcome["handover_ms"] = round((time.monotonic() - started) * 1000, 1)
+            return info
+        if desired in ("running", "paused"):
+            return self.target.start(epoch, incoming=False)
         return self.target.get()
 
     def destroy_target(self) -> None:
@@ -124,7 +131,6 @@ class SimRun(Run):
                            bandwidth_cap=self.bucket.rate if self.bucket else None,
                            on_checkpoint=on_checkpoint, durable=False)
         self.disk_bytes += report.bytes_sent
-        self.disk_digest = report.image_digest
         self.report(high, bytes_sent=self.progress.bytes_sent + report.bytes_sent)
         return report
 
@@ -151,10 +157,27 @@ class SimRun(Run):
         self.enter(P.STOP_AND_COPY)
         self._stop_and_sync(85.0, 97.0)
 
+    def _mirror_disk(self) -> DiskMirror:
+        """Copy the disk while the guest runs, following its writes from just before. A resumed
+        run copies it again (what was written since the last run's snapshot is unknown); the
+        delta sync then moves only what differs."""
+        src = self.src.memory_paths(self.vm.id)
+        if not src.disk_generations.exists():
+            raise NotSupported(f"guest {self.vm.id} runs without disk write generations (it "
+                               "was started by an older NovaCron); restart it to migrate it "
+                               "live, or use cold or warm")
+        node = self.node_of(self.target_host)
+        write = block_writer(self.dst.memory_paths(self.vm.id, must_exist=False).disk,
+                             placement(self.target_host.name, node),
+                             local=node == self.node_of(self.source_host))
+        mirror = DiskMirror(src.disk, src.disk_generations, write, self.bucket)
+        self._sync_disk(3.0, 25.0)
+        mirror.collect()  # written during the sync: sent with the first pass of memory
+        return mirror
+
     def _live(self) -> None:
-        if self.enter(P.SYNCING_DISK):
-            self.disk_written = self.src.read_status(self.vm.id).disk_bytes_written
-            self._sync_disk(3.0, 25.0)
+        self.enter(P.SYNCING_DISK)
+        mirror = self._mirror_disk()
         self.enter(P.PRECOPY)
         src_paths = self.src.memory_paths(self.vm.id)
         self.target.prepare_incoming()
@@ -172,18 +195,23 @@ class SimRun(Run):
 
         while True:
             result = self._send(pages, resend=state.passes > 0, on_batch=counted)
+            disk = mirror.send(on_batch=counted)
             after = read_generations(src_paths.generations)
             dirty = dirty_pages(before, after)
             before = after
             dirty_bytes = len(dirty) * PAGE_SIZE
+            disk_dirty = mirror.collect()
             rate = result.rate or self.progress.rate or 1.0
-            step = decide(policy, state, PassReport(result.bytes, result.seconds, dirty_bytes),
+            step = decide(policy, state, PassReport(result.bytes + disk.bytes,
+                                                    result.seconds + disk.seconds, dirty_bytes,
+                                                    disk_bytes_dirty=disk_dirty),
                           device_state_bytes=PAGE_SIZE, bandwidth=rate)
             state = step.state
             converged = 1 - min(1.0, len(dirty) / total)
             self.report(25.0 + 60.0 * converged, iteration=state.passes, rate=rate,
                          dirty_rate=dirty_bytes / max(result.seconds, 1e-3),
-                         bytes_remaining=dirty_bytes, eta_s=dirty_bytes / rate,
+                         bytes_remaining=dirty_bytes + disk_dirty,
+                         eta_s=(dirty_bytes + disk_dirty) / rate,
                          throttle_pct=state.throttle_pct)
             self.check(time.monotonic())
             if step.action == Action.STOP_AND_COPY or self.forced():
@@ -195,24 +223,26 @@ class SimRun(Run):
                 log.info("migration %s: throttled the guest to %d %% (%s)", self.id,
                          state.throttle_pct, step.reason)
             pages = dirty
-        self._stop_and_copy(before, dirty, expected_downtime=step.expected_downtime_s)
+        self._stop_and_copy(before, dirty, mirror, expected_downtime=step.expected_downtime_s)
 
-    def _stop_and_copy(self, before: Any, pending: Any, *, expected_downtime: float) -> None:
+    def _stop_and_copy(self, before: Any, pending: Any, mirror: DiskMirror, *,
+                       expected_downtime: float) -> None:
         """Pause the source; copy ``pending`` (dirty, not sent yet) and whatever was written
-        since generation snapshot ``before``, then the generations, header and disk delta."""
+        since generation snapshot ``before``, then the generations, header and the disk blocks
+        written since the last pass."""
         self.enter(P.STOP_AND_COPY)
         src_paths = self.src.memory_paths(self.vm.id)
+        self.vm_at_pause = self.read_vm()
         self.downtime_from = time.monotonic()
         self.src.pause(self.vm.id)  # returns once the guest is frozen
         final = read_generations(src_paths.generations)
         dirty = np.union1d(pending, dirty_pages(before, final))
         result = self._send(dirty, resend=True)
         self.target.finish(final.tobytes(), src_paths.control.read_bytes())
-        written = self.src.read_status(self.vm.id).disk_bytes_written
-        if written != self.disk_written:  # it wrote to its disk since the sync began
-            self._sync_disk(90.0, 97.0)
-        outcome: dict[str, Any] = {"disk_digest": self.disk_digest,
-                                   "final_pages": int(result.pages),
+        disk = mirror.finish()
+        self.disk_bytes += mirror.bytes_sent
+        outcome: dict[str, Any] = {"final_pages": int(result.pages),
+                                   "final_disk_blocks": disk.blocks,
                                    "expected_downtime_ms": round(expected_downtime * 1000, 1),
                                    "memory_bytes_sent": self.memory_wire,
                                    "zero_pages": self.zero_pages}
@@ -220,9 +250,17 @@ class SimRun(Run):
             outcome["memory_digest"] = memory_digest(src_paths.memory)
             if self.target.memory_digest() != outcome["memory_digest"]:
                 raise Stop(P.FAILED, "target memory differs from the paused source's")
-        self.save(outcome=outcome)
-        self.report(97.0, bytes_sent=self.progress.bytes_sent + result.wire_bytes,
-                     bytes_remaining=0, eta_s=0.0)
+            source_disk, target_disk = disk_digests(
+                src_paths.disk, self.dst.memory_paths(self.vm.id, must_exist=False).disk,
+                placement(self.target_host.name, self.node_of(self.target_host)))
+            if target_disk != source_disk:
+                raise Stop(P.FAILED, "target disk differs from the paused source's")
+            outcome["disk_digest"] = source_disk
+        outcome["stop_and_copy_ms"] = round((time.monotonic() - self.downtime_from) * 1000, 1)
+        self.outcome.update(outcome)  # saved with the switchover, in the same write
+        self.progress = self.progress.model_copy(update={
+            "percent": 97.0, "bytes_remaining": 0, "eta_s": 0.0,
+            "bytes_sent": self.progress.bytes_sent + result.wire_bytes + disk.wire_bytes})
 
     def _send(self, pages: Any, *, resend: bool,
               on_batch: Callable[[int], None] | None = None) -> PassResult:
@@ -233,7 +271,8 @@ class SimRun(Run):
             self.reader = PageReader(
                 self.src.memory_paths(self.vm.id).memory, compress=policy.compress,
                 xbzrle=policy.xbzrle,
-                level=choose_zstd_level(self.bucket.rate if self.bucket else None))
+                level=choose_zstd_level(self.bucket.rate if self.bucket else None),
+                elide_zero=isinstance(self.target, RemoteTarget))
         target = self.target
         result = send_pages(self.reader, pages, target.send, resend=resend, bucket=self.bucket,
                             on_batch=on_batch, flush=target.flush)

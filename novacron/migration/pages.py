@@ -93,16 +93,19 @@ class PassResult:
 class PageReader:
     """The source side: maps a memory file read-only and encodes batches of its pages.
 
-    Without ``compress`` or ``xbzrle`` batches are :class:`RawPages`. With ``compress`` pages go
-    through zstd at ``level``; with ``xbzrle`` a page sent again goes as a delta against the
-    version sent last, kept in a cache of ``cache_bytes`` (pages of the first pass, sent with
-    ``resend=False``, are not cached, as in QEMU).
+    Without ``compress`` or ``xbzrle`` batches are :class:`RawPages`, their zero pages as bare
+    indices unless ``elide_zero`` is off (file to file on one node, where testing every page
+    costs more than copying the few zero ones). With ``compress`` pages go through zstd at
+    ``level``; with ``xbzrle`` a page sent again goes as a delta against the version sent last,
+    kept in a cache of ``cache_bytes`` (pages of the first pass, sent with ``resend=False``, are
+    not cached, as in QEMU).
     """
 
     def __init__(self, path: str | os.PathLike[str], *, compress: bool = False,
-                 xbzrle: bool = False, level: int = 1,
+                 xbzrle: bool = False, level: int = 1, elide_zero: bool = True,
                  cache_bytes: int = XBZRLE_CACHE_BYTES) -> None:
         self.xbzrle = xbzrle
+        self.elide_zero = elide_zero
         self.encoder = (PageEncoder(level if compress else NO_COMPRESSION,
                                     PageCache(cache_bytes if xbzrle else 0), PAGE_SIZE)
                         if compress or xbzrle else None)
@@ -114,9 +117,9 @@ class PageReader:
         """One batch holding ``pages`` as they are now; ``resend``: they were sent before."""
         if self.encoder is None:
             data = self._pages[pages]
-            nonzero = data.view(np.uint64).any(axis=1)
             index = np.asarray(pages, dtype=np.int64)
-            if nonzero.all():
+            nonzero = data.view(np.uint64).any(axis=1) if self.elide_zero else None
+            if nonzero is None or nonzero.all():
                 return RawPages(np.empty(0, np.int64), index, data)
             return RawPages(index[~nonzero], index[nonzero], data[nonzero])
         zero = self.encoder.zero_pages

@@ -84,6 +84,15 @@ def test_raw_batches_send_zero_pages_as_indices(tmp_path: Path) -> None:
     assert memory_digest(src) == memory_digest(dst)
 
 
+def test_without_zero_elision_raw_batches_carry_every_page(tmp_path: Path) -> None:
+    src, dst = memory(tmp_path, 30, np.random.default_rng(8))
+    dst.write_bytes(b"\xff" * 30 * PAGE_SIZE)
+    with PageReader(src, elide_zero=False) as reader, PageWriter(dst) as writer:
+        result = send_pages(reader, np.arange(30), writer.apply, resend=False)
+    assert (result.zero_pages, result.wire_bytes) == (0, 30 * (8 + PAGE_SIZE))
+    assert memory_digest(src) == memory_digest(dst)
+
+
 def test_compression_shrinks_text_and_leaves_random_pages_whole(tmp_path: Path) -> None:
     src, dst = memory(tmp_path, 300, np.random.default_rng(3))
     pages = np.arange(300)
