@@ -78,11 +78,13 @@ class SimTarget:
         return self.writer.apply(batch)
 
     def finish(self, generations: bytes, control: bytes) -> None:
-        """Write the paused source's page generations and control header (stop-and-copy)."""
+        """Write the paused source's page generations and control header (stop-and-copy), in
+        place: the guest waiting for the handover has both files mapped."""
         self._close_writer()
         paths = self.driver.memory_paths(self.vm_id)
-        paths.generations.write_bytes(generations)
-        paths.control.write_bytes(control)
+        for path, data in ((paths.generations, generations), (paths.control, control)):
+            with open(path, "r+b") as f:
+                f.write(data)
 
     def memory_digest(self) -> str:
         """The digest of the incoming memory."""
