@@ -67,6 +67,7 @@ class Run:
         self.last_progress = self.started
         self.last_poll = 0.0
         self.downtime_from: float | None = None  # when the guest stopped running on the source
+        self.vm_at_pause: VM | None = None  # the VM's record, read just before that
         self.outcome: dict[str, Any] = {}  # totals the path adds to the final outcome
         self.target_image: str | None = None  # the VM's image on the target, if the path made one
 
@@ -74,11 +75,12 @@ class Run:
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return ray.get(getattr(self.controller, method).remote(*args, **kwargs))
 
-    def enter(self, phase: MigrationPhase) -> bool:
-        """Checkpoint ``phase``; False if the record is past it already (a resumed run)."""
+    def enter(self, phase: MigrationPhase, **fields: Any) -> bool:
+        """Checkpoint ``phase`` (and other ``fields`` of :meth:`save`, in the same write); False
+        if the record is past it already (a resumed run)."""
         if _ORDER.index(self.m.phase) >= _ORDER.index(phase):
             return self.m.phase == phase
-        self.save(phase=phase)
+        self.save(phase=phase, **fields)
         return True
 
     def save(self, **fields: Any) -> None:
@@ -114,6 +116,10 @@ class Run:
     def poll(self) -> None:
         """Save the progress and check for a cancel or a timeout, moving nothing."""
         self.report(self.progress.percent)
+
+    def read_vm(self) -> VM:
+        """The VM's record as the controller holds it now."""
+        return VM.model_validate(self._call("migration_context", self.id)["vm"])
 
     def forced(self) -> bool:
         """Whether a user asked to force the migration to complete."""
@@ -188,15 +194,19 @@ class Run:
     def _switchover(self) -> None:
         # Entered only once everything was copied, with the source stopped or paused: a
         # restarted run in this phase rolls forward (starting on the target is idempotent).
-        self.enter(P.SWITCHOVER)
-        record = VM.model_validate(self._call("migration_context", self.id)["vm"])
+        # Within the downtime: one write (the phase, with the progress and outcome so far) and
+        # the start; the VM's record was read before the pause (a resumed run reads it now).
+        self.enter(P.SWITCHOVER, progress=self.progress, outcome=self.outcome)
+        record = self.vm_at_pause or self.read_vm()
         epoch = record.epoch + (0 if record.host == self.m.target else 1)
+        running = time.monotonic()
         if record.host != self.m.target:
             info = self.start_on_target(epoch, record.desired.value)
+            running = time.monotonic()  # the downtime ends as the guest runs on the target
             self._call("migration_switch", self.id, info.state.value, info.guest_id,
                        image=self.target_image)
         downtime_ms = (None if self.downtime_from is None
-                       else (time.monotonic() - self.downtime_from) * 1000)
+                       else (running - self.downtime_from) * 1000)
         self.destroy(self.src)
         outcome = {"total_s": round(time.monotonic() - self.started, 3),
                    "bytes": self.progress.bytes_sent, "epoch": epoch,

@@ -43,7 +43,7 @@ def make_vm(running: Running, name: str, *, host: str = "h1", dirty: float = 0.0
 
 def test_live_migration_moves_memory_and_disk_byte_for_byte(running: Running) -> None:
     nc, state = running.nc, running.settings.state_dir
-    vm = make_vm(running, "live", dirty=4.0, disk_write=0.5)
+    vm = make_vm(running, "live", dirty=4.0, disk_write=8.0)
     prediction = nc.migrations.predict("live", to="h2", mode="live")
     assert prediction["converges"]
     assert prediction["bytes"] > 0
@@ -61,6 +61,8 @@ def test_live_migration_moves_memory_and_disk_byte_for_byte(running: Running) ->
     assert percents == sorted(percents)
     out = mig.record.outcome
     assert out["memory_digest"]  # checked equal at switchover by the actor
+    assert out["disk_digest"]  # likewise: the disk blocks it wrote were mirrored
+    assert out["final_disk_blocks"] < 1024  # only those written during the last pass
     assert out["downtime_ms"] < 5000
     assert mig.record.progress.percent == 100
     record = vm.wait_for("running", timeout=30).record
@@ -156,15 +158,33 @@ def test_cancel_rolls_back(running: Running, phase: MigrationPhase) -> None:
 
 def test_killed_migration_actor_resumes(running: Running) -> None:
     nc, state = running.nc, running.settings.state_dir
-    vm = make_vm(running, "phoenix", dirty=20.0)
+    vm = make_vm(running, "phoenix", dirty=20.0, disk_write=8.0)
     mig = nc.migrations.start("phoenix", to="h2", mode="live",
-                              policy={"bandwidth_mib_s": 40, "auto_converge": True})
+                              policy={"bandwidth_mib_s": 40, "auto_converge": True,
+                                      "verify": True})
     _wait_phase(mig, MigrationPhase.PRECOPY)
     ray.kill(running.actor(f"mig:{mig.id}"), no_restart=False)
     mig.wait(timeout=60)
     assert mig.phase == MigrationPhase.COMPLETED, mig.record.reason  # resumed from its record
+    assert mig.record.outcome["disk_digest"]  # the disk, synced again, then mirrored: equal
     assert vm.wait_for("running", timeout=30).record.host == "h2"
     eventually(lambda: guest_hosts(state, vm.id) == {"h2"}, 10, what="one guest")
+
+
+def test_verify_fails_a_migration_whose_disk_copy_differs(running: Running) -> None:
+    nc, state = running.nc, running.settings.state_dir
+    vm = make_vm(running, "tampered", dirty=20.0)  # it writes no disk: nothing is resent
+    mig = nc.migrations.start("tampered", to="h2", mode="live",
+                              policy={"bandwidth_mib_s": 20, "verify": True})
+    _wait_phase(mig, MigrationPhase.PRECOPY)
+    with open(state / "sim" / "h2" / vm.id / "disk.img", "r+b") as disk:
+        disk.seek(512 * 1024**2)
+        disk.write(b"not the source's bytes")
+    mig.wait(timeout=60)
+    assert mig.phase == MigrationPhase.FAILED
+    assert mig.record.reason == "target disk differs from the paused source's"
+    assert vm.wait_for("running", timeout=30).record.host == "h1"  # it resumed there
+    assert guest_hosts(state, vm.id) == {"h1"}
 
 
 def test_refusals_and_limits(running: Running) -> None:
