@@ -92,8 +92,8 @@ def one_node(src: SimDriver, state: Path, repeats: int) -> dict[str, Any]:
     wall: dict[str, list[float]] = {"baseline": [], "stream": []}
     cpu: dict[str, list[float]] = {"baseline": [], "stream": []}
     wire = 0
-    for _ in range(repeats):
-        for kind in ("baseline", "stream"):
+    for n in range(repeats):
+        for kind in ("baseline", "stream")[:: 1 if n % 2 else -1]:  # alternate who goes first
             target.prepare_incoming()  # fresh, sparse target memory for each run
             started, cpu_started = time.perf_counter(), time.thread_time()
             if kind == "baseline":
