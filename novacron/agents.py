@@ -220,8 +220,8 @@ class HostAgent:
         now = time.time()
         listed = self.driver.list()
         guests = [{**asdict(g), "state": g.state.value, "time": now} for g in listed]
-        if self.driver.stats_in_heartbeat:
-            stats = {**stats, "guests": self._guest_stats(listed)}
+        if self.driver.stats_in_heartbeat:  # beside the sample's count of guests
+            stats = {**stats, "guest_stats": self._guest_stats(listed)}
         self.reporter.heartbeat(self.host, stats, guests)
 
     def _guest_stats(self, guests: list[GuestInfo]) -> dict[str, dict[str, Any]]:

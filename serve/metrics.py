@@ -104,7 +104,7 @@ def render(store: Store, host_stats: dict[str, dict[str, Any]]) -> Response:
             for figure, value in (stats.get("extra") or {}).items():
                 if isinstance(value, int | float):
                     health.labels(name, figure).set(value)
-            for vm_id, counters in stats.get("guests", {}).items():
+            for vm_id, counters in stats.get("guest_stats", {}).items():
                 for field, gauge in guest.items():
                     gauge.labels(vm_id, name).set(counters.get(field, 0))
     body = generate_latest(REGISTRY) + generate_latest(fleet)

@@ -128,8 +128,8 @@ def test_guest_counters_reach_prometheus(api: tuple[TestClient, ControlPlane]) -
 def test_provider_health_figures_reach_prometheus(api: tuple[TestClient, ControlPlane],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     client, plane = api
-    sample = {"h1": {"cpu_load": 0.1, "extra": {"credentials_valid": 1.0,
-                                                "throttled_per_min": 2.0}}}
+    sample = {"h1": {"cpu_load": 0.1, "guests": 3,  # a cloud host's: a count, no counters
+                     "extra": {"credentials_valid": 1.0, "throttled_per_min": 2.0}}}
     monkeypatch.setattr(plane, "all_host_stats", lambda: sample)  # no live heartbeat races it
     text = client.get("/metrics").text
     assert 'novacron_host_health{figure="credentials_valid",host="h1"} 1.0' in text
