@@ -15,7 +15,7 @@ one place (``serve/errors.py``). Nothing returns status dicts or falls back sile
     │   ├── InvalidTransition     a state machine forbids the move
     │   └── StaleEpoch            a fenced writer (older placement epoch) was refused
     ├── NoCapacity                no host can take the request (details say why)
-    ├── QuotaExceeded             a tenant quota would be exceeded
+    ├── QuotaExceeded             a tenant quota, or a provider's quota, would be exceeded
     ├── NotSupported              a driver lacks a capability (the message says which and why)
     ├── AuthError                 the caller's credentials, or a provider refused NovaCron's
     │   ├── Unauthenticated       no or bad credentials
@@ -95,6 +95,16 @@ class NoCapacity(NovaCronError):
 
 
 class QuotaExceeded(NovaCronError):
+    """A quota would be exceeded.
+
+    A tenant's quota in NovaCron: the API answers 403 (the caller may not have more). A cloud
+    provider's quota on NovaCron's account for a host (a vCPU limit), raised by the cloud
+    drivers with the ``provider`` in the details: the API answers 409, as for NoCapacity. The
+    request is valid and the caller allowed; the account's current use clashes with it, and it
+    can succeed once instances stop or the provider raises the quota. A 403 would tell the
+    caller they lack a permission, and a 422 that their request is malformed.
+    """
+
     code = "quota_exceeded"
 
 

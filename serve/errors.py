@@ -83,12 +83,15 @@ async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 PROVIDER_AUTH_STATUS = 422  # a provider refused NovaCron's credentials (see errors.AuthError)
+PROVIDER_QUOTA_STATUS = 409  # a provider's quota on NovaCron's account (see errors.QuotaExceeded)
 
 
 def status_of(exc: e.NovaCronError) -> int:
     """The HTTP status of a NovaCron error."""
     if isinstance(exc, e.AuthError) and exc.details.get("provider"):
         return PROVIDER_AUTH_STATUS
+    if isinstance(exc, e.QuotaExceeded) and exc.details.get("provider"):
+        return PROVIDER_QUOTA_STATUS
     for cls, status in STATUS:
         if isinstance(exc, cls):
             return status

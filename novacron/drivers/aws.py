@@ -54,8 +54,10 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime
@@ -73,6 +75,7 @@ from novacron.drivers.cloud import (
     ImportProgress,
     Instance,
     InstanceType,
+    VcpuQuota,
     check_vm_id,
     expiry_of,
     parse_epoch,
@@ -185,6 +188,10 @@ ERRORS: Mapping[str, type[NovaCronError]] = {
 }
 
 _VCPU_QUOTA = ("ec2", "L-1216C47A")  # Running On-Demand Standard (A, C, D, H, I, M, R, T, Z)
+# The instance types that quota counts (families A, C, D, H, I, M, R, T, Z; not DL, HPC, Inf,
+# Trn, Mac, which have their own).
+_STANDARD_FAMILY = re.compile(r"^(a|c|d|h|i|im|is|m|r|t|z)\d")
+_TYPES_PER_CALL = 100  # instance type names one DescribeInstanceTypes takes
 _OWN_KEYS = frozenset({"region", "home_region", "subnet_id", "security_group_ids", "key_name",
                        "volume_type", "architecture", "retry_mode", "connect_timeout_s",
                        "read_timeout_s", "import_workers"})
@@ -420,26 +427,76 @@ class AwsDriver(CloudDriver):
         if self.settings.instance_types:  # EC2 matches the same globs: list only those
             filters.append({"Name": "instance-type",
                             "Values": list(self.settings.instance_types)})
+        return self._types("list the EC2 instance types", Filters=filters)
+
+    def _types(self, context: str, **query: Any) -> list[InstanceType]:
+        """The instance types DescribeInstanceTypes answers ``query`` with (every page)."""
         types: list[InstanceType] = []
-        with self._call("list the EC2 instance types", region=self.region):
+        with self._call(context, region=self.region):
             pages = self._client("ec2").get_paginator("describe_instance_types").paginate(
-                Filters=filters)
+                **query)
             for page in pages:
                 types.extend(InstanceType(t["InstanceType"], int(t["VCpuInfo"]["DefaultVCpus"]),
                                           int(t["MemoryInfo"]["SizeInMiB"]))
                              for t in page["InstanceTypes"])
         return types
 
-    def _quota_vcpus(self) -> float | None:
+    def _describe_type(self, name: str) -> InstanceType:
+        """DescribeInstanceTypes of ``name``: EC2 answers a type it does not offer in the
+        region with InvalidInstanceType."""
+        return self._types(f"look up the EC2 instance type {name}", InstanceTypes=[name])[0]
+
+    def _service_quota(self) -> tuple[float, str, str | None] | None:
+        """The account's Standard vCPU quota as (value, name, request id): the applied
+        value, else AWS's default; None when Service Quotas knows neither."""
         service, code = _VCPU_QUOTA
         quotas = self._client("quotas")
         for read in (quotas.get_service_quota, quotas.get_aws_default_service_quota):
             try:
                 with self._call("read the EC2 vCPU quota", quota=code):
-                    return float(read(ServiceCode=service, QuotaCode=code)["Quota"]["Value"])
+                    answer = read(ServiceCode=service, QuotaCode=code)
             except NotFound:
                 continue
+            quota = answer["Quota"]
+            name = f"{code} ({quota['QuotaName']})" if quota.get("QuotaName") else code
+            return (float(quota["Value"]), name,
+                    answer.get("ResponseMetadata", {}).get("RequestId"))
         return None
+
+    def _quota_vcpus(self) -> float | None:
+        quota = self._service_quota()
+        return None if quota is None else quota[0]
+
+    def _vcpu_quota(self, instance_type: InstanceType) -> VcpuQuota | None:
+        """The Standard quota with the vCPUs of the region's running On-Demand Standard
+        instances (every page; AWS counts the whole account's). Other families (G, P, X,
+        Inf...) count against quotas of their own, which are not read: None."""
+        if not _STANDARD_FAMILY.match(instance_type.name):
+            return None
+        quota = self._service_quota()
+        if quota is None:
+            return None
+        limit, name, request_id = quota
+        return VcpuQuota(name, limit, self._standard_vcpus_running(), request_id)
+
+    def _standard_vcpus_running(self) -> float:
+        """vCPUs of the region's pending and running On-Demand Standard instances."""
+        running: Counter[str] = Counter()
+        with self._call("count the running EC2 vCPUs", region=self.region):
+            pages = self._client("ec2").get_paginator("describe_instances").paginate(
+                Filters=[{"Name": "instance-state-name", "Values": ["pending", "running"]}])
+            for page in pages:
+                running.update(i["InstanceType"] for r in page["Reservations"]
+                               for i in r["Instances"]
+                               if not i.get("InstanceLifecycle")  # spot: a quota of its own
+                               and _STANDARD_FAMILY.match(i["InstanceType"]))
+        types = dict(self.catalogue.types())
+        unknown = sorted(set(running) - set(types))
+        for first in range(0, len(unknown), _TYPES_PER_CALL):
+            types.update((t.name, t) for t in self._types(
+                "look up running EC2 instance types",
+                InstanceTypes=unknown[first:first + _TYPES_PER_CALL]))
+        return float(sum(types[name].vcpus * count for name, count in running.items()))
 
     # -- instances --------------------------------------------------------------------------
     def _parse(self, raw: Mapping[str, Any]) -> Instance:

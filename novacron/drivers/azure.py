@@ -64,6 +64,7 @@ from novacron.drivers.cloud import (
     Definition,
     Instance,
     InstanceType,
+    VcpuQuota,
     expiry_of,
     instance_name,
     parse_epoch,
@@ -222,6 +223,17 @@ def map_error(err: Exception, context: str, **details: Any) -> NovaCronError:
     if isinstance(err, ServiceRequestError):
         return HostUnreachable(f"{context}: {err}", details=base)
     return DriverError(f"{context}: {err}", details=base)
+
+
+def _collect_request_id(into: list[str]) -> Callable[[PipelineResponse[Any, Any]], None]:
+    """An azure-core ``raw_response_hook`` appending each answer's ``x-ms-request-id``."""
+
+    def hook(response: PipelineResponse[Any, Any]) -> None:
+        request_id = response.http_response.headers.get("x-ms-request-id")
+        if request_id:
+            into.append(str(request_id))
+
+    return hook
 
 
 def image_reference(image: str) -> dict[str, str]:
@@ -423,16 +435,55 @@ class AzureDriver(CloudDriver):
         return image
 
     def _load_types(self) -> list[InstanceType]:
-        with self._call("list the Azure VM sizes", location=self.location):
+        return self._sizes("list the Azure VM sizes", [])
+
+    def _sizes(self, context: str, request_ids: list[str]) -> list[InstanceType]:
+        """The location's VM sizes (every page); each answer's request id goes to
+        ``request_ids``."""
+        with self._call(context, location=self.location):
             return [InstanceType(str(s.name), int(s.number_of_cores or 0),
                                  int(s.memory_in_mb or 0))
-                    for s in self._compute().virtual_machine_sizes.list(self.location)]
+                    for s in self._compute().virtual_machine_sizes.list(
+                        self.location, raw_response_hook=_collect_request_id(request_ids))]
+
+    def _describe_type(self, name: str) -> InstanceType:
+        """ARM gets no single VM size: the location's list is asked again (the cached one
+        may be older than a size), and a size it lacks is an InvalidRequest with its request
+        id."""
+        context = f"look up the Azure VM size {name}"
+        request_ids: list[str] = []
+        found = next((s for s in self._sizes(context, request_ids) if s.name == name), None)
+        if found is None:
+            request_id = request_ids[0] if request_ids else None
+            raise InvalidRequest(
+                f"{context}: the VM sizes of location {self.location} do not include it "
+                f"(Azure request {request_id})",
+                details={"provider": self.name, "host": self.host, "location": self.location,
+                         "request_id": request_id})
+        return found
+
+    def _cores(self) -> VcpuQuota | None:
+        """The location's Total Regional vCPUs usage (``cores``), as ARM reports it."""
+        request_ids: list[str] = []
+        with self._call("read the Azure vCPU quota", location=self.location):
+            usages = list(self._compute().usage.list(
+                self.location, raw_response_hook=_collect_request_id(request_ids)))
+        cores = next((u for u in usages if u.name and u.name.value == "cores"), None)
+        if cores is None:
+            return None
+        label = cores.name.localized_value
+        return VcpuQuota(f"cores ({label})" if label else "cores", float(cores.limit),
+                         float(cores.current_value or 0),
+                         request_ids[0] if request_ids else None)
 
     def _quota_vcpus(self) -> float | None:
-        with self._call("read the Azure vCPU quota", location=self.location):
-            usages = list(self._compute().usage.list(self.location))
-        return next((float(u.limit) for u in usages if u.name and u.name.value == "cores"),
-                    None)
+        cores = self._cores()
+        return None if cores is None else cores.limit
+
+    def _vcpu_quota(self, instance_type: InstanceType) -> VcpuQuota | None:
+        """The Total Regional vCPUs every size counts against (the per-family quotas ARM
+        also lists are not read)."""
+        return self._cores()
 
     # -- instances --------------------------------------------------------------------------
     def _parse(self, vm: Any, statuses: Sequence[Any] | None = None) -> Instance:

@@ -123,6 +123,9 @@ class Driver(ABC):
     # Whether per-guest counters are cheap enough to read on every heartbeat (a local
     # hypervisor); cloud drivers read theirs from the provider's monitoring service instead.
     stats_in_heartbeat: ClassVar[bool] = False
+    # Whether :meth:`preflight` asks anything: the control plane skips the round trip to the
+    # host's agent for drivers that have nothing to check before a create.
+    preflights: ClassVar[bool] = False
 
     def __init__(self, host: str, uri: str | None, config: Mapping[str, Any],
                  state_dir: Path) -> None:
@@ -166,6 +169,13 @@ class Driver(ABC):
         """A sample of the host's usage."""
 
     # -- guests -----------------------------------------------------------------------------
+    def preflight(self, config: GuestConfig) -> None:  # noqa: B027 - optional hook
+        """Raise, cheaply and before anything is recorded or created, the error that defining
+        and first starting ``config``'s guest would meet (drivers with :attr:`preflights`: an
+        instance type the provider does not have, a provider quota). A local hypervisor has
+        nothing to ask beforehand: its refusals (no such image, no room) come from the create
+        itself, so by default nothing is checked."""
+
     @abstractmethod
     def define(self, config: GuestConfig) -> GuestInfo:
         """Create the guest (stopped); if it exists already, return it unchanged."""

@@ -17,6 +17,12 @@ retried after a timeout finds the instance the first try made.
 **Epoch fencing.** The instance carries the epoch it was last started with in a tag/label;
 ``start`` with an older epoch raises StaleEpoch, a newer one is recorded before the start.
 
+**Preflight.** Before the control plane records a VM for a cloud host it calls
+:meth:`CloudDriver.preflight` (through the host's agent), which asks the provider what the create
+would meet: a pinned type it does not offer here, or a type whose vCPUs, beside those the account
+already runs, exceed the vCPU quota. So these come back from ``POST /api/v1/vms`` with the
+provider's answer instead of failing later on a recorded VM.
+
 **Host config** (``POST /api/v1/hosts {"driver": "aws"|"azure"|"gcp", "config": {...}}``), keys
 shared by the three drivers, all optional; each driver adds its own (region, zone, ...):
 
@@ -57,6 +63,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import difflib
 import fnmatch
 import hashlib
 import json
@@ -91,6 +98,7 @@ from novacron.errors import (
     NoCapacity,
     NotFound,
     NovaCronError,
+    QuotaExceeded,
     StaleEpoch,
     Unauthenticated,
 )
@@ -357,6 +365,16 @@ class Catalogue:
         data = {"saved_at": now, "types": [asdict(t) for t in types.values()]}
         with contextlib.suppress(OSError):
             write_atomic(self._file, json.dumps(data))
+
+
+@dataclass(frozen=True)
+class VcpuQuota:
+    """A provider's vCPU quota of a region, and the vCPUs the account already uses under it."""
+
+    name: str  # as the provider names it, e.g. "CPUS" or "cores (Total Regional vCPUs)"
+    limit: float
+    used: float
+    request_id: str | None = None  # of the provider's answer, where it gives one
 
 
 def capacity_of(settings: CloudSettings, quota_vcpus: float | None, provider: str) -> HostInfo:
@@ -633,6 +651,7 @@ class CloudDriver(Driver):
 
     provider_label: ClassVar[str]  # "AWS", "Azure", "GCP": for messages
     instance_type_label: ClassVar[str]  # the guest label that pins a type: "aws.instance_type"
+    preflights: ClassVar[bool] = True  # the provider is asked before a VM is recorded
 
     def __init__(self, host: str, uri: str | None, config: Mapping[str, Any],
                  state_dir: Path, own_keys: frozenset[str]) -> None:
@@ -763,6 +782,30 @@ class CloudDriver(Driver):
                                 "vcpus_in_use": float(vcpus), **self.health.snapshot()})
 
     # -- guests -----------------------------------------------------------------------------
+    def preflight(self, config: GuestConfig) -> None:
+        """Refuse, before anything is recorded, a guest whose create would fail here: no image
+        (InvalidRequest), a pinned type the provider does not have here (InvalidRequest naming
+        the nearest it has, with the provider's answer), no allowed type big enough
+        (NoCapacity), or a type whose vCPUs do not fit the account's vCPU quota beside what it
+        already runs (QuotaExceeded). A check, not a reservation: a guest created meanwhile may
+        take the quota first, and this guest's create then reports the provider's refusal."""
+        check_vm_id(config.vm_id)
+        self._image_of(config)
+        chosen = self._chosen_type(config)
+        quota = self._vcpu_quota(chosen)
+        if quota is None or quota.used + chosen.vcpus <= quota.limit:
+            return
+        where = self._location()
+        raise QuotaExceeded(
+            f"the {self.provider_label} vCPU quota {quota.name} in {where} would be exceeded: "
+            f"{chosen.name} needs {chosen.vcpus} vCPUs and {quota.used:g} of {quota.limit:g} "
+            f"are in use" + (f" ({self.provider_label} request {quota.request_id})"
+                             if quota.request_id else ""),
+            details={"provider": self.name, "host": self.host, "vm_id": config.vm_id,
+                     "location": where, "instance_type": chosen.name, "quota": quota.name,
+                     "limit": quota.limit, "in_use": quota.used, "requested": chosen.vcpus,
+                     "request_id": quota.request_id})
+
     def define(self, config: GuestConfig) -> GuestInfo:
         """Record the guest (size and image chosen now); an existing guest is returned as is."""
         check_vm_id(config.vm_id)
@@ -772,17 +815,13 @@ class CloudDriver(Driver):
         existing = self.definitions.load(config.vm_id)
         if existing is not None:
             return self._defined_info(existing)
-        image = config.image or self.settings.default_image
-        if not image:
-            raise InvalidRequest(
-                f"VM {config.vm_id} names no image and {self.provider_label} host {self.host} "
-                "has no default_image", details={"vm_id": config.vm_id, "host": self.host})
+        image = self._image_of(config)
         pinned = config.labels.get(self.instance_type_label)
         instance_type = pinned or self.catalogue.cheapest_fit(config.cpus, config.memory_mib).name
         definition = Definition(
             vm_id=config.vm_id, name=config.name, cpus=config.cpus,
             memory_mib=config.memory_mib, disk_gib=config.disk_gib,
-            instance_type=instance_type, image=self._resolve_image(image), epoch=config.epoch,
+            instance_type=instance_type, image=image, epoch=config.epoch,
             nonce=uuid.uuid4().hex, labels=dict(config.labels))
         self.definitions.save(definition)
         log.info("defined guest %s on %s as %s (%s)", config.vm_id, self.host, instance_type,
@@ -887,6 +926,37 @@ class CloudDriver(Driver):
         raise NotImplementedError(f"{self.name} declares image import but does not discard")
 
     # -- helpers ----------------------------------------------------------------------------
+    def _image_of(self, config: GuestConfig) -> str:
+        """The guest's image (or the host's default), resolved; InvalidRequest if neither."""
+        image = config.image or self.settings.default_image
+        if not image:
+            raise InvalidRequest(
+                f"VM {config.vm_id} names no image and {self.provider_label} host {self.host} "
+                "has no default_image", details={"vm_id": config.vm_id, "host": self.host})
+        return self._resolve_image(image)
+
+    def _chosen_type(self, config: GuestConfig) -> InstanceType:
+        """The type the guest gets: the pinned one as the provider has it (the catalogue, else
+        the provider asked), or the cheapest allowed fit."""
+        pinned = config.labels.get(self.instance_type_label)
+        if not pinned:
+            return self.catalogue.cheapest_fit(config.cpus, config.memory_mib)
+        known = self.catalogue.lookup(pinned)
+        if known is not None:
+            return known
+        try:
+            return self._describe_type(pinned)
+        except (InvalidRequest, NotFound) as exc:
+            where = self._location()
+            nearest = difflib.get_close_matches(pinned, sorted(self.catalogue.types()), n=3,
+                                                cutoff=0.0)
+            raise InvalidRequest(
+                f"{self.provider_label} has no instance type {pinned!r} in {where} (label "
+                f"{self.instance_type_label}; nearest: {', '.join(nearest)}): {exc.message}",
+                details={**exc.details, "provider": self.name, "host": self.host,
+                         "vm_id": config.vm_id, "location": where, "instance_type": pinned,
+                         "nearest": nearest}) from exc
+
     def _definition(self, vm_id: str) -> Definition:
         definition = self.definitions.load(vm_id)
         if definition is None:
@@ -960,8 +1030,19 @@ class CloudDriver(Driver):
         """Every instance type of the region from the provider (every page)."""
 
     @abstractmethod
+    def _describe_type(self, name: str) -> InstanceType:
+        """The type ``name`` as the provider offers it here (asked when the cached catalogue
+        lacks it); InvalidRequest or NotFound, with the provider's message and request id, when
+        it offers none."""
+
+    @abstractmethod
     def _quota_vcpus(self) -> float | None:
         """The vCPU quota of the region, or None when the provider does not say."""
+
+    @abstractmethod
+    def _vcpu_quota(self, instance_type: InstanceType) -> VcpuQuota | None:
+        """The vCPU quota guests of ``instance_type`` count against here, with the vCPUs the
+        account already uses under it; None when the provider does not say."""
 
     def _resolve_image(self, image: str) -> str:
         """The image reference to record for ``image`` (as given by default)."""

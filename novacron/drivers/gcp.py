@@ -63,6 +63,7 @@ from novacron.drivers.cloud import (
     Definition,
     Instance,
     InstanceType,
+    VcpuQuota,
     expiry_of,
     instance_name,
     parse_epoch,
@@ -451,9 +452,27 @@ class GcpDriver(CloudDriver):
                 retry=self._retry, timeout=self._timeout)
             return [InstanceType(t.name, int(t.guest_cpus), int(t.memory_mb)) for t in pager]
 
+    def _describe_type(self, name: str) -> InstanceType:
+        """machineTypes.get: GCE answers a type the zone does not have with 404 notFound."""
+        found = self._rpc("machine_types", "get", f"look up the GCE machine type {name}",
+                          zone=self.zone, machine_type=name)
+        return InstanceType(found.name, int(found.guest_cpus), int(found.memory_mb))
+
     def _quota_vcpus(self) -> float | None:
         region = self._rpc("regions", "get", "read the GCE CPU quota", region=self.region)
         return next((float(q.limit) for q in region.quotas if q.metric == "CPUS"), None)
+
+    def _vcpu_quota(self, instance_type: InstanceType) -> VcpuQuota | None:
+        """The region's quota of the type's family (``N2_CPUS``...) where it has one of its
+        own, else ``CPUS`` (E2, N1...), with its usage as GCE reports it. GCE's answer carries
+        no request id."""
+        region = self._rpc("regions", "get", "read the GCE CPU quota", region=self.region)
+        quotas = {q.metric: q for q in region.quotas}
+        family = instance_type.name.split("-", 1)[0].upper()
+        quota = quotas.get(f"{family}_CPUS") or quotas.get("CPUS")
+        if quota is None:
+            return None
+        return VcpuQuota(str(quota.metric), float(quota.limit), float(quota.usage))
 
     # -- instances --------------------------------------------------------------------------
     def _parse(self, raw: Any) -> Instance:

@@ -6,8 +6,9 @@ requires ``api-version`` and a bearer token, pages lists with a ``nextLink`` tha
 ``api-version``, runs PUT/PATCH/DELETE and the power actions as long-running operations polled at
 ``Azure-AsyncOperation`` (with a ``Location`` too), answers errors as
 ``{"error": {"code", "message"}}`` with an ``x-ms-request-id``, honours ``If-Match`` /
-``If-None-Match: *``, moves VMs through provisioning and power states, and serves Azure
-Monitor metrics of a VM (the values a test puts in ``metrics``).
+``If-None-Match: *``, moves VMs through provisioning and power states, reports the location's
+vCPU usage (``cores``: the cores of its VMs not deallocated) against ``core_quota``, and serves
+Azure Monitor metrics of a VM (the values a test puts in ``metrics``).
 
 Test controls: :meth:`ArmFake.throttle` (429 TooManyRequests with Retry-After for the next N
 calls), :meth:`ArmFake.fail` (the next call of a route answers an error, or with ``late=True``
@@ -111,7 +112,8 @@ class ArmFake:
                  page_size: int = 100, core_quota: int = 20) -> None:
         self.subscription, self.locations = subscription, locations
         self.resource_groups, self.op_steps = resource_groups, op_steps
-        self.page_size, self.core_quota = page_size, core_quota
+        self.page_size = page_size
+        self.core_quota = self._core_quota = core_quota
         self.tokens: set[str] = {"arm-token"}
         self.calls: Counter[str] = Counter()
         self.vms: dict[tuple[str, str], dict[str, Any]] = {}  # (group, name) -> VM
@@ -137,11 +139,13 @@ class ArmFake:
         self._server.server_close()
 
     def reset(self) -> None:
-        """Forget faults and counts; accept the default token again (VMs stay)."""
+        """Forget faults, counts and a changed ``core_quota``; accept the default token again
+        (VMs stay)."""
         with self._lock:
             self._faults.clear()
             self.tokens = {"arm-token"}
             self.calls.clear()
+            self.core_quota = self._core_quota
 
     # -- test controls ------------------------------------------------------------------------
     def throttle(self, count: int, retry_after: int = 0) -> None:
@@ -254,7 +258,8 @@ class ArmFake:
                     {"name": n, "numberOfCores": c, "memoryInMB": mem, "maxDataDiskCount": 4,
                      "osDiskSizeInMB": 1047552, "resourceDiskSizeInMB": 0}
                     for n, c, mem in VM_SIZES]}, {}
-            return "usages", 200, {"value": [{"unit": "Count", "currentValue": 0,
+            return "usages", 200, {"value": [{"unit": "Count",
+                                              "currentValue": self._cores_used(m[1]),
                                               "limit": self.core_quota,
                                               "name": {"value": "cores", "localizedValue":
                                                        "Total Regional vCPUs"}}]}, {}
@@ -326,6 +331,13 @@ class ArmFake:
             {"name": {"value": metric}, "unit": "Unspecified", "timeseries": [{"data": [
                 {"timeStamp": _now(), "average": values[metric], "total": values[metric]}]}]}
             for metric in query.get("metricnames", "").split(",") if metric in values]}
+
+    def _cores_used(self, location: str) -> int:
+        """Cores of the location's VMs that hold them (not deallocated, not failed)."""
+        cores = {n: c for n, c, _ in VM_SIZES}
+        return sum(cores.get(vm["properties"]["hardwareProfile"]["vmSize"], 0)
+                   for vm in self.vms.values() if vm["location"] == location
+                   and vm["properties"]["power"] not in (None, "deallocated"))
 
     def _location(self, location: str) -> None:
         if location not in self.locations:

@@ -1,6 +1,7 @@
 """A local fake of the Compute Engine REST API (``/compute/v1``), as google-cloud-compute's REST
-transport uses it: zones, regions (quotas), machine types, instances, zonal operations; and of
-Cloud Monitoring's ``timeSeries.list`` (``/v3``) serving the values a test puts in ``metrics``.
+transport uses it: zones, regions (CPU quotas and their usage), machine types (list and get),
+instances, zonal operations; and of Cloud Monitoring's ``timeSeries.list`` (``/v3``) serving the
+values a test puts in ``metrics``.
 
 It behaves like GCE for what the GCP driver uses: list pages (``maxResults``/``pageToken`` ->
 ``nextPageToken``), label filters (``labels.k = "v" AND ...``), long-running zonal operations
@@ -11,8 +12,9 @@ in GCE's JSON shape with a ``google.rpc.RequestInfo`` detail, and instance statu
 
 Test controls: :meth:`GceFake.throttle` (429 rateLimitExceeded for the next N calls),
 :meth:`GceFake.fail_operation` (the next operation of a type ends in an error, e.g.
-QUOTA_EXCEEDED), :meth:`GceFake.delay` (execute a call, answer late), ``tokens`` (the bearer
-tokens accepted; None accepts anonymous calls) and ``calls`` (a count per route).
+QUOTA_EXCEEDED), :meth:`GceFake.delay` (execute a call, answer late), ``cpu_quotas`` (the
+regions' CPU quota limits), ``tokens`` (the bearer tokens accepted; None accepts anonymous calls)
+and ``calls`` (a count per route).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ MACHINE_TYPES = [  # name, vCPUs, memory MiB (a slice of the real catalogue)
     ("n2-standard-2", 2, 8192), ("n2-standard-4", 4, 16384), ("n2-highmem-2", 2, 16384),
     ("n2-highcpu-8", 8, 8192), ("n2-standard-16", 16, 65536), ("c3-standard-4", 4, 16384),
 ]
+# Regional CPU quotas: N2 and C3 machines count against their series' own, the rest (E2...)
+# against CPUS; TERMINATED and SUSPENDED instances hold none.
+CPU_QUOTAS = ("CPUS", "N2_CPUS", "C3_CPUS")
 _TRANSITIONS = {  # operation type -> (status while it runs, status when done)
     "insert": ("PROVISIONING", "RUNNING"), "start": ("STAGING", "RUNNING"),
     "stop": ("STOPPING", "TERMINATED"), "suspend": ("SUSPENDING", "SUSPENDED"),
@@ -80,7 +85,8 @@ class GceFake:
                  op_steps: int = 2, page_size: int = 500, cpu_quota: float = 24.0) -> None:
         self.project, self.zones, self.op_steps = project, zones, op_steps
         self.max_page = page_size
-        self.cpu_quota = cpu_quota
+        self.cpu_quotas = dict.fromkeys(CPU_QUOTAS, cpu_quota)  # regional metric -> limit
+        self._cpu_quota = cpu_quota
         self.tokens: set[str] | None = None
         self.calls: Counter[str] = Counter()
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}  # (zone, name) -> instance
@@ -101,11 +107,12 @@ class GceFake:
         self._server.server_close()
 
     def reset(self) -> None:
-        """Forget faults, tokens and counts (instances stay)."""
+        """Forget faults, tokens, counts and changed ``cpu_quotas`` (instances stay)."""
         with self._lock:
             self._faults.clear()
             self.tokens = None
             self.calls.clear()
+            self.cpu_quotas = dict.fromkeys(CPU_QUOTAS, self._cpu_quota)
 
     # -- test controls ------------------------------------------------------------------------
     def throttle(self, count: int) -> None:
@@ -231,6 +238,8 @@ class GceFake:
                 items = [{"kind": "compute#machineType", "name": n, "guestCpus": c,
                           "memoryMb": m, "zone": zone} for n, c, m in MACHINE_TYPES]
                 return "machineTypes.list", self._page(items, query)
+            if rest[:1] == ["machineTypes"] and len(rest) == 2 and method == "GET":
+                return "machineTypes.get", self._machine_type(zone, rest[1])
             if rest[:1] == ["operations"] and len(rest) >= 2:
                 op = self._ops.get(rest[1])
                 if op is None:
@@ -271,16 +280,29 @@ class GceFake:
                   for metric, value in self.metrics.get(name[1], {}).items() if metric in wanted]
         return {"timeSeries": series} if series else {}
 
+    def _machine_type(self, zone: str, name: str) -> dict[str, Any]:
+        for n, c, m in MACHINE_TYPES:
+            if n == name:
+                return {"kind": "compute#machineType", "name": n, "guestCpus": c,
+                        "memoryMb": m, "zone": zone}
+        raise GceError(404, "notFound", f"The resource 'projects/{self.project}/zones/{zone}/"
+                                        f"machineTypes/{name}' was not found")
+
     def _region(self, region: str) -> dict[str, Any]:
         if not any(z.startswith(region + "-") for z in self.zones):
             raise GceError(404, "notFound", f"The resource 'projects/{self.project}/regions/"
                                             f"{region}' was not found")
-        used = sum(c for (z, _), i in self.instances.items() if z.startswith(region)
-                   for n, c, _ in MACHINE_TYPES if i["machineType"].endswith("/" + n)
-                   and i["status"] == "RUNNING")
-        return {"kind": "compute#region", "name": region,
-                "quotas": [{"metric": "CPUS", "limit": self.cpu_quota, "usage": float(used)},
-                           {"metric": "INSTANCES", "limit": 1000.0, "usage": 0.0}]}
+        cpus = {n: c for n, c, _ in MACHINE_TYPES}
+        used = dict.fromkeys(self.cpu_quotas, 0.0)
+        for (zone, _), instance in self.instances.items():
+            if zone.startswith(region) and instance["status"] not in ("TERMINATED", "SUSPENDED"):
+                machine = instance["machineType"].rsplit("/", 1)[-1]
+                own = f"{machine.split('-')[0].upper()}_CPUS"
+                used[own if own in used else "CPUS"] += cpus.get(machine, 0)
+        return {"kind": "compute#region", "name": region, "quotas": [
+            *({"metric": m, "limit": limit, "usage": used[m]}
+              for m, limit in self.cpu_quotas.items()),
+            {"metric": "INSTANCES", "limit": 1000.0, "usage": 0.0}]}
 
     def _listed(self, zone: str, query: dict[str, str]) -> list[dict[str, Any]]:
         wanted = dict(re.findall(r'labels\.([\w-]+)\s*=\s*"([^"]*)"', query.get("filter", "")))

@@ -45,6 +45,7 @@ pytest_plugins = ["tests.fakes.plugin"]
 
 REGION = "eu-west-1"
 PAGING_REGION = "ap-southeast-2"  # moto scans every instance of a region: keep the 250 apart
+QUOTA_REGION = "eu-north-1"  # the quota test counts every running instance of its region
 
 
 @pytest.fixture(scope="session")
@@ -349,6 +350,58 @@ def test_provider_refusals_are_typed(env: Env, code: str,
         drv.start(vm_id, epoch=1)
     assert info.value.details["request_id"]
     assert instances_of(env.proxy.url, vm_id) == []
+
+
+def test_preflight_refuses_a_type_ec2_does_not_offer_with_its_answer(env: Env) -> None:
+    drv, vm_id = env.driver(), vm()
+    drv.catalogue.types()  # cached: only the unknown name is asked
+    env.proxy.reset()
+    with pytest.raises(InvalidRequest, match=r"no instance type 'x9\.huge' in eu-west-1 .*"
+                       r"do not exist: \[x9\.huge\] \(AWS InvalidInstanceType, request ") as info:
+        drv.preflight(guest(vm_id, labels={"aws.instance_type": "x9.huge"}))
+    details = info.value.details
+    assert (details["provider"], details["provider_code"]) == ("aws", "InvalidInstanceType")
+    assert details["request_id"]
+    assert len(details["nearest"]) == 3
+    assert set(details["nearest"]) <= set(drv.catalogue.types())
+    assert status_of(info.value) == 422
+    assert env.proxy.calls == {"DescribeInstanceTypes": 1}  # nothing defined, nothing created
+    assert drv.definitions.load(vm_id) is None
+    # A type outside the host's patterns that EC2 offers passes: a pin overrides the patterns.
+    drv.preflight(guest(vm_id, labels={"aws.instance_type": "r5.large"}))
+
+
+def test_preflight_counts_the_regions_running_vcpus_against_the_quota(env: Env,
+                                                                     moto_url: str) -> None:
+    drv = env.driver(region=QUOTA_REGION)
+    drv.preflight(guest(vm(), labels={"aws.instance_type": "t3.2xlarge"}))  # no quota known
+    env.proxy.set_quota("L-1216C47A", 7)
+    ec2 = raw_client(moto_url, QUOTA_REGION)
+
+    def run(instance_type: str) -> str:
+        return str(ec2.run_instances(ImageId=env.ami, InstanceType=instance_type, MinCount=1,
+                                     MaxCount=1)["Instances"][0]["InstanceId"])
+
+    running = [run("t3.medium"), run("r5.large")]  # 2 + 2 Standard vCPUs (r5 not in patterns)
+    others = [run("g4dn.xlarge"), run("t3.xlarge")]  # a quota of its own; stopped
+    ec2.stop_instances(InstanceIds=others[1:])
+    try:
+        drv.preflight(guest(vm(), labels={"aws.instance_type": "t3.small"}))  # 4 + 2 of 7
+        drv.preflight(guest(vm(), labels={"aws.instance_type": "g4dn.2xlarge"}))  # not Standard
+        vm_id = vm()
+        with pytest.raises(QuotaExceeded, match=r"quota L-1216C47A .* in eu-north-1 would be "
+                           r"exceeded: m5\.xlarge needs 4 vCPUs and 4 of 7 are in use .*request") \
+                as info:
+            drv.preflight(guest(vm_id, cpus=4, memory_mib=16384))  # the cheapest fit
+    finally:
+        ec2.terminate_instances(InstanceIds=running + others)
+    details = info.value.details
+    assert (details["limit"], details["in_use"], details["requested"]) == (7, 4, 4)
+    assert (details["provider"], details["instance_type"]) == ("aws", "m5.xlarge")
+    assert details["request_id"]  # of the Service Quotas answer
+    assert status_of(info.value) == 409  # the account's use clashes; not the caller's 403
+    assert env.proxy.calls["RunInstances"] == 0
+    assert drv.definitions.load(vm_id) is None
 
 
 def test_missing_image_is_not_found(env: Env) -> None:

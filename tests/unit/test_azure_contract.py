@@ -316,6 +316,50 @@ def test_quota_refusal_is_typed(env: Env) -> None:
     assert raw(env.fake, vm_id) is None
 
 
+def test_preflight_refuses_a_size_the_location_lacks_with_arms_answer(env: Env) -> None:
+    drv, vm_id = env.driver(), vm()
+    drv.catalogue.types()  # cached: the location's list is asked again once
+    env.fake.calls.clear()
+    with pytest.raises(InvalidRequest, match=r"no instance type 'Standard_X9' in westeurope .*"
+                       r"do not include it \(Azure request ") as info:
+        drv.preflight(guest(vm_id, labels={"azure.vm_size": "Standard_X9"}))
+    details = info.value.details
+    assert (details["provider"], details["location"]) == ("azure", "westeurope")
+    assert details["request_id"]  # of the vmSizes answer
+    assert len(details["nearest"]) == 3
+    assert set(details["nearest"]) <= set(drv.catalogue.types())
+    assert status_of(info.value) == 422
+    assert env.fake.calls == {"vmSizes": 1}  # nothing put
+    assert raw(env.fake, vm_id) is None
+    assert drv.definitions.load(vm_id) is None
+
+
+def test_preflight_counts_the_locations_cores_against_the_quota(env: Env) -> None:
+    drv = env.driver(location="eastus")  # apart from the other tests' VMs
+    others = ["other-1", "other-2", "other-3"]
+    for name in others:  # 1 core each; the last one deallocated holds none
+        env.fake.add_vm(GROUP, name, {}, location="eastus")
+    env.fake.vms[(GROUP, others[2])]["properties"]["power"] = "deallocated"
+    env.fake.core_quota = 4
+    vm_id = vm()
+    try:
+        drv.preflight(guest(vm(), labels={"azure.vm_size": "Standard_B2s"}))  # 2 + 2 of 4
+        with pytest.raises(QuotaExceeded, match=r"quota cores \(Total Regional vCPUs\) in "
+                           r"eastus would be exceeded: Standard_D4s_v5 needs 4 vCPUs and 2 of 4 "
+                           r"are in use \(Azure request ") as info:
+            drv.preflight(guest(vm_id, cpus=4, memory_mib=16384))  # the cheapest fit
+    finally:
+        for name in others:
+            del env.fake.vms[(GROUP, name)]
+    details = info.value.details
+    assert (details["limit"], details["in_use"], details["requested"]) == (4, 2, 4)
+    assert (details["provider"], details["instance_type"]) == ("azure", "Standard_D4s_v5")
+    assert details["request_id"]  # of the usages answer
+    assert status_of(info.value) == 409
+    assert env.fake.calls["put"] == 0
+    assert drv.definitions.load(vm_id) is None
+
+
 def test_failed_provisioning_is_typed_and_deleted(env: Env) -> None:
     drv, vm_id = env.driver(), vm()
     drv.define(guest(vm_id))

@@ -32,6 +32,7 @@ from novacron.errors import (
     NoCapacity,
     NotSupported,
     NovaCronError,
+    QuotaExceeded,
     Throttled,
     Unauthenticated,
 )
@@ -209,6 +210,8 @@ def test_a_missing_sdk_names_the_extra(monkeypatch: pytest.MonkeyPatch, driver: 
     (Unauthenticated("AWS AuthFailure", details={"provider": "aws"}), 422),  # NovaCron's keys
     (Forbidden("AuthorizationFailed", details={"provider": "azure"}), 422),
     (Throttled("rateLimitExceeded", details={"provider": "gcp"}), 503),
+    (QuotaExceeded("tenant's vCPUs"), 403),  # the caller may not have more
+    (QuotaExceeded("account's vCPU quota", details={"provider": "aws"}), 409),
 ])
 def test_provider_refusals_do_not_look_like_the_callers_auth(error: NovaCronError,
                                                              status: int) -> None:

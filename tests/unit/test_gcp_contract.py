@@ -271,6 +271,52 @@ def test_failed_inserts_are_typed_and_leave_nothing(env: Env, code: str,
     assert raw(env.fake, vm_id) is None
 
 
+def test_preflight_refuses_a_machine_type_the_zone_lacks_with_gces_answer(env: Env) -> None:
+    drv, vm_id = env.driver(), vm()
+    drv.catalogue.types()  # cached: only the unknown name is asked
+    env.fake.calls.clear()
+    with pytest.raises(InvalidRequest, match=r"no instance type 'x9-huge' in us-central1-a .*"
+                       r"machineTypes/x9-huge' was not found \(GCP notFound, request ") as info:
+        drv.preflight(guest(vm_id, labels={"gcp.machine_type": "x9-huge"}))
+    details = info.value.details
+    assert (details["provider"], details["provider_code"]) == ("gcp", "notFound")
+    assert details["request_id"]
+    assert len(details["nearest"]) == 3
+    assert set(details["nearest"]) <= set(drv.catalogue.types())
+    assert status_of(info.value) == 422  # the type is a field of the request: not a 404
+    assert env.fake.calls["insert"] == 0
+    assert raw(env.fake, vm_id) is None
+    assert drv.definitions.load(vm_id) is None
+
+
+def test_preflight_counts_the_regions_cpus_of_the_series_quota(env: Env) -> None:
+    zone = "europe-west1-b"  # apart from the other tests' instances
+    drv = env.driver(zone=zone)
+    env.fake.add_instance(zone, "other-e2", {}, machine_type="e2-standard-4")
+    env.fake.add_instance(zone, "other-n2", {}, machine_type="n2-standard-2")
+    env.fake.add_instance(zone, "other-off", {}, status="TERMINATED",
+                          machine_type="e2-standard-8")
+    env.fake.cpu_quotas.update(CPUS=8, N2_CPUS=4)
+    vm_id = vm()
+    try:
+        drv.preflight(guest(vm(), labels={"gcp.machine_type": "e2-standard-4"}))  # 4 + 4 of 8
+        drv.preflight(guest(vm(), labels={"gcp.machine_type": "n2-standard-2"}))  # 2 + 2 of 4
+        with pytest.raises(QuotaExceeded, match=r"quota N2_CPUS in europe-west1-b would be "
+                           r"exceeded: n2-standard-4 needs 4 vCPUs and 2 of 4 are in use$") \
+                as info:
+            drv.preflight(guest(vm_id, labels={"gcp.machine_type": "n2-standard-4"}))
+    finally:
+        for name in ("other-e2", "other-n2", "other-off"):
+            del env.fake.instances[(zone, name)]
+    details = info.value.details
+    assert (details["limit"], details["in_use"], details["requested"]) == (4, 2, 4)
+    assert (details["provider"], details["quota"]) == ("gcp", "N2_CPUS")
+    assert details["request_id"] is None  # GCE's answer to a read carries none
+    assert status_of(info.value) == 409
+    assert env.fake.calls["insert"] == 0
+    assert drv.definitions.load(vm_id) is None
+
+
 def test_bad_token_then_rotation(env: Env) -> None:
     token = write_token(env.tmp / "token.json", "expired-or-wrong")
     env.fake.tokens = {"good-token"}
