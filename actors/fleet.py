@@ -9,19 +9,20 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayTaskError
 
 from actors import names, options
 from actors.host import HostActor
 from actors.migration import MigrationActor
 from actors.vm import VMActor
 from novacron.agents import HostAgent, make_driver
-from novacron.errors import NovaCronError, OperationTimeout
+from novacron.errors import NovaCronError, OperationTimeout, Unavailable
 from novacron.model import VM, Host
 
 log = logging.getLogger("novacron.actors.fleet")
 _NODE_CACHE_S = 30.0
 _CALL_TIMEOUT_S = 300.0
+_PREFLIGHT_TIMEOUT_S = 60.0
 _NAME_RELEASE_S = 10.0
 
 
@@ -38,6 +39,22 @@ def _probe(host: dict[str, Any], state_dir: str) -> dict[str, Any]:
         return HostAgent(host["name"], driver, _Silent()).info()
     finally:
         driver.close()
+
+
+def _wait(ref: Any, agent: str, method: str, timeout_s: float) -> Any:
+    """The result of an agent's call: its NovaCron error raised as such, OperationTimeout
+    when late, Unavailable when the agent's actor is gone."""
+    try:
+        return ray.get(ref, timeout=timeout_s)
+    except RayTaskError as exc:
+        if isinstance(exc.cause, NovaCronError):
+            raise exc.cause from None
+        raise
+    except GetTimeoutError as exc:
+        raise OperationTimeout(f"{agent} did not finish {method} within {timeout_s:g} s"
+                               ) from exc
+    except (ActorDiedError, ActorUnavailableError) as exc:
+        raise Unavailable(f"{agent} is not available for {method}") from exc
 
 
 class RayFleet:
@@ -88,9 +105,17 @@ class RayFleet:
         return info
 
     def start_host(self, host: Host) -> None:
+        self._host_actor(host)
+
+    def _host_actor(self, host: Host) -> Any:
+        """The host's actor, created if it does not run."""
         opts = options.host_options(self.namespace, host.name, self._node_of(host.name))
-        self._host_actor_cls.options(**opts).remote(
+        return self._host_actor_cls.options(**opts).remote(
             self._record(host), self.namespace, self.state_dir, self.heartbeat_interval_s)
+
+    def preflight_vm(self, vm: VM, host: Host) -> None:
+        ref = self._host_actor(host).preflight.remote(vm.model_dump(mode="json"))
+        _wait(ref, f"host {host.name}'s agent", "preflight", _PREFLIGHT_TIMEOUT_S)
 
     def stop_host(self, name: str) -> None:
         try:
@@ -125,16 +150,8 @@ class RayFleet:
         return actor
 
     def call_vm(self, vm: VM, host: Host, method: str, *args: Any) -> Any:
-        try:
-            return ray.get(getattr(self._actor_of(vm, host), method).remote(*args),
-                           timeout=_CALL_TIMEOUT_S)
-        except RayTaskError as exc:
-            if isinstance(exc.cause, NovaCronError):
-                raise exc.cause from None
-            raise
-        except GetTimeoutError as exc:
-            raise OperationTimeout(f"VM {vm.id}'s agent did not finish {method} within "
-                                   f"{_CALL_TIMEOUT_S:g} s") from exc
+        ref = getattr(self._actor_of(vm, host), method).remote(*args)
+        return _wait(ref, f"VM {vm.id}'s agent", method, _CALL_TIMEOUT_S)
 
     def forget_vm(self, vm_id: str) -> None:
         try:

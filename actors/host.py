@@ -43,6 +43,11 @@ class HostActor:
     def info(self) -> dict[str, Any]:
         return self.agent.info()
 
+    def preflight(self, vm: dict[str, Any]) -> None:
+        """Raise what creating ``vm`` here would meet (on this node: the host's credentials
+        are resolved here)."""
+        self.agent.preflight(vm)
+
     def pid(self) -> int:
         """This actor's process id (tests use it to see a restart)."""
         return os.getpid()

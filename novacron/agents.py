@@ -207,6 +207,11 @@ class HostAgent:
         """The host's physical size and hypervisor."""
         return asdict(self.driver.host_info())
 
+    def preflight(self, vm: Mapping[str, Any]) -> None:
+        """Raise what creating the VM record ``vm`` (a dict as stored, not stored yet) on this
+        host would meet (see :meth:`Driver.preflight`)."""
+        self.driver.preflight(guest_config(vm))
+
     def sample(self) -> dict[str, Any]:
         """Sample the host's usage now; ``time`` says when."""
         with self._sampling:

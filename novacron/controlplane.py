@@ -21,12 +21,16 @@ from novacron.drivers.base import driver_class
 from novacron.errors import (
     AlreadyExists,
     Conflict,
+    HostUnreachable,
     InvalidRequest,
     InvalidTransition,
     NoCapacity,
     NotFound,
     NovaCronError,
+    OperationTimeout,
     RevisionMismatch,
+    Throttled,
+    Unavailable,
 )
 from novacron.ids import HostName, MigrationId, VMId, new_id
 from novacron.model import (
@@ -82,6 +86,11 @@ class Fleet(Protocol):
 
     def stop_host(self, name: str) -> None:
         """Stop the host's agent. Its guests keep running."""
+        ...
+
+    def preflight_vm(self, vm: VM, host: Host) -> None:
+        """Ask the host's agent to raise what creating ``vm`` (not recorded yet) there would
+        meet (see Driver.preflight)."""
         ...
 
     def converge_vm(self, vm: VM, host: Host) -> None:
@@ -285,11 +294,20 @@ class ControlPlane:
 
         ``request_id`` makes a retried create return the VM the first attempt made. ``admit``
         (e.g. a quota check) runs under the same lock as the write, so two creates cannot both
-        pass it and then overshoot together.
+        pass it and then overshoot together. On a host whose driver :attr:`preflights`, what
+        the create would meet there (a cloud instance type that does not exist, a provider
+        quota) is raised before anything is recorded: asked outside the lock, then placed again.
         """
         name_key = f"{tenant}/{req.name}"
         spec = VMSpec.model_validate(req.model_dump(exclude={"host", "start", "tenant"}))
+        vm_id = VMId(new_id("vm"))
+        checked: set[str] = set()  # hosts that passed this VM's preflight
+        unchecked: tuple[VM, Host] | None = None
         for _ in range(_RETRIES):
+            if unchecked is not None:  # a provider round trip: never under the lock
+                self._preflight(*unchecked)
+                checked.add(unchecked[1].name)
+                unchecked = None
             with self._lock:
                 taken = self.store.get("vmname", name_key)
                 if taken is not None:
@@ -307,9 +325,12 @@ class ControlPlane:
                 if host.revision != decision.revision:
                     engine.update_host(host)  # the engine's view was stale: place again
                     continue
-                vm = VM(id=VMId(new_id("vm")), name=req.name, tenant=tenant, spec=spec,
+                vm = VM(id=vm_id, name=req.name, tenant=tenant, spec=spec,
                         desired=PowerState.RUNNING if req.start else PowerState.STOPPED,
                         host=host.name, epoch=1)
+                if host.name not in checked and driver_class(host.driver).preflights:
+                    unchecked = (vm, host)
+                    continue
                 allocated = host.allocated + spec.resources
                 try:
                     written = self.store.commit([
@@ -334,6 +355,15 @@ class ControlPlane:
             self._converge(vm)
             return vm
         raise Conflict("placement kept racing with other changes; try again")
+
+    def _preflight(self, vm: VM, host: Host) -> None:
+        """Raise what creating ``vm`` on ``host`` would meet. A provider or agent that cannot
+        answer now refuses nothing: the VM's own agent then meets, and reports, the same."""
+        try:
+            self.fleet.preflight_vm(vm, host)
+        except (HostUnreachable, Throttled, OperationTimeout, Unavailable) as exc:
+            log.warning("VM %s: host %s could not be asked before the create: %s", vm.name,
+                        host.name, exc.message)
 
     def plan(self, specs: list[VMSpec], *, tenant: str = "default",
              pinned: list[str | None] | None = None) -> list[dict[str, Any]]:

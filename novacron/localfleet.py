@@ -66,6 +66,10 @@ class LocalFleet:
         if agent is not None:
             agent.driver.close()
 
+    def preflight_vm(self, vm: VM, host: Host) -> None:
+        self.start_host(host)
+        self._hosts[host.name].preflight(vm.model_dump(mode="json"))
+
     def _agent(self, vm: VM, host: Host) -> VMAgent:
         agent = self._vms.get(vm.id)
         if agent is None:
