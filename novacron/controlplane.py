@@ -71,6 +71,7 @@ log = logging.getLogger("novacron.controlplane")
 _RETRIES = 8
 _RESCAN_EVERY = 60
 _MAX_BACKOFF_S = 300.0
+AGENT_START_GRACE_S = 15.0  # extra time a new host's agent has for its first heartbeat
 
 
 class Fleet(Protocol):
@@ -203,7 +204,9 @@ class ControlPlane:
         record = self.store.create("host", host.name, _dump(host))
         host = host_from(record)
         with self._lock:
-            self._last_seen[host.name] = self.clock()
+            # its agent is a new process (maybe importing a cloud SDK): the first heartbeat
+            # may come late, which is not a host going silent
+            self._last_seen[host.name] = self.clock() + AGENT_START_GRACE_S
             if self._engine is not None:
                 self._engine.update_host(host)
         self.fleet.start_host(host)

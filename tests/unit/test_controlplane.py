@@ -12,7 +12,7 @@ from typing import Any
 import psutil
 import pytest
 
-from novacron.controlplane import ControlPlane
+from novacron.controlplane import AGENT_START_GRACE_S, ControlPlane
 from novacron.errors import (
     AlreadyExists,
     Conflict,
@@ -251,6 +251,7 @@ def test_silent_host_becomes_unreachable_and_recovers(
         quiet: tuple[ControlPlane, RecordingFleet, list[float]]) -> None:
     plane, _, clock = quiet
     vm = plane.create_vm(VMCreate(name="v", cpus=1, memory_mib=64))
+    plane.heartbeat("h", {}, [])
     plane.report_vm(vm.id, 1, {"state": "running", "guest_id": "42", "time": clock[0]})
     clock[0] += 2
     plane.reconcile_once()
@@ -264,6 +265,17 @@ def test_silent_host_becomes_unreachable_and_recovers(
     assert plane.get_host("h").state == HostState.UP
     assert plane.get_vm(vm.id).state == VMState.RUNNING
     assert plane.all_host_stats() == {"h": {"cpu_load": 0.1}}
+
+
+def test_a_new_host_has_time_for_its_first_heartbeat(
+        quiet: tuple[ControlPlane, RecordingFleet, list[float]]) -> None:
+    plane, _, clock = quiet
+    clock[0] += AGENT_START_GRACE_S  # silent since registration, but its agent is starting
+    plane.reconcile_once()
+    assert plane.get_host("h").state == HostState.UP
+    clock[0] += plane.heartbeat_timeout_s + 1
+    plane.reconcile_once()
+    assert plane.get_host("h").state == HostState.UNREACHABLE
 
 
 def test_stale_and_late_reports_are_ignored(
