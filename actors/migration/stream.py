@@ -80,7 +80,6 @@ class SimTarget:
     def finish(self, generations: bytes, control: bytes) -> None:
         """Write the paused source's page generations and control header (stop-and-copy), in
         place: the guest waiting for the handover has both files mapped."""
-        self._close_writer()
         paths = self.driver.memory_paths(self.vm_id)
         for path, data in ((paths.generations, generations), (paths.control, control)):
             with open(path, "r+b") as f:
@@ -91,8 +90,9 @@ class SimTarget:
         return memory_digest(self.driver.memory_paths(self.vm_id).memory)
 
     def start(self, epoch: int, *, incoming: bool) -> GuestInfo:
-        """Start the guest with ``epoch``: on the migrated memory when ``incoming``."""
-        self._close_writer()
+        """Start the guest with ``epoch``: on the migrated memory when ``incoming``. The memory
+        stays mapped until :meth:`close`: unmapping a GiB of written pages takes tens of
+        milliseconds, which must not lengthen the downtime."""
         if incoming:
             return self.driver.start_incoming(self.vm_id, epoch)
         return self.driver.start(self.vm_id, epoch)
