@@ -10,7 +10,9 @@ phase it finds, so a restarted MigrationActor resumes. Subclasses (one per path,
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from typing import Any, ClassVar
 
 import ray
@@ -68,6 +70,7 @@ class Run:
         self.last_poll = 0.0
         self.downtime_from: float | None = None  # when the guest stopped running on the source
         self.vm_at_pause: VM | None = None  # the VM's record, read just before that
+        self.save_times: deque[float] = deque(maxlen=5)  # how long the last writes took
         self.outcome: dict[str, Any] = {}  # totals the path adds to the final outcome
         self.target_image: str | None = None  # the VM's image on the target, if the path made one
 
@@ -85,8 +88,16 @@ class Run:
 
     def save(self, **fields: Any) -> None:
         """Write ``fields`` (phase, progress, checkpoint, outcome) to the record; re-read it."""
+        started = time.monotonic()
         data: dict[str, Any] = self._call("migration_update", self.id, **fields)
+        self.save_times.append(time.monotonic() - started)
         self.m = Migration.model_validate(data)
+
+    @property
+    def checkpoint_s(self) -> float:
+        """What a write to the record usually takes: the median of the last few (0 before
+        any), so that a single slow one does not count."""
+        return statistics.median(self.save_times) if self.save_times else 0.0
 
     def report(self, percent: float, **values: Any) -> None:
         """Update the progress; written to the record at most every ``POLL_S``, and checks

@@ -54,6 +54,17 @@ def test_dirty_disk_blocks_count_towards_the_downtime() -> None:
     assert step.action is Action.THROTTLE
 
 
+def test_the_switchover_cost_counts_towards_the_downtime() -> None:
+    report = PassReport(GB, 1.0, 250_000_000)  # 0.25 s to send the rest
+    assert decide(PrecopyPolicy(), PrecopyState(), report).action is Action.STOP_AND_COPY
+    step = decide(PrecopyPolicy(), PrecopyState(), report, switchover_s=0.1)
+    assert step.action is Action.CONTINUE
+    assert step.expected_downtime_s == pytest.approx(0.35)
+    quiet = PassReport(GB, 1.0, 0)  # nothing left: the switchover alone, whatever it costs
+    assert decide(PrecopyPolicy(), PrecopyState(), quiet, switchover_s=1.0).action is (
+        Action.STOP_AND_COPY)
+
+
 def test_nothing_dirty_stops_even_with_a_large_device_state() -> None:
     step = decide(PrecopyPolicy(), PrecopyState(), PassReport(GB, 1.0, 0), device_state_bytes=GB)
     assert step.action is Action.STOP_AND_COPY
