@@ -240,7 +240,7 @@ class SimRun(Run):
         self.downtime_from = time.monotonic()
         self.src.pause(self.vm.id)  # returns once the guest is frozen
         final = read_generations(src_paths.generations)
-        dirty = np.union1d(pending, dirty_pages(before, final))
+        dirty = dirty_pages(before, final, pending=pending)
         result = self._send(dirty, resend=True)
         self.target.finish(final.tobytes(), src_paths.control.read_bytes())
         disk = mirror.finish()

@@ -220,16 +220,19 @@ def read_generations(path: Path) -> npt.NDArray[np.uint32]:
     return snapshot
 
 
-def dirty_pages(before: npt.NDArray[np.uint32],
-                after: npt.NDArray[np.uint32]) -> npt.NDArray[np.intp]:
+def dirty_pages(before: npt.NDArray[np.uint32], after: npt.NDArray[np.uint32], *,
+                pending: npt.NDArray[np.intp] | None = None) -> npt.NDArray[np.intp]:
     """Indices of the pages (or disk blocks) written since snapshot ``before`` (changed, or a
-    write in progress)."""
+    write in progress), sorted, with those of ``pending`` (dirty already) among them."""
     import numpy as np
 
     if before.shape != after.shape:
         raise InvalidRequest(f"generation snapshots differ in size: {before.shape} vs "
                              f"{after.shape}")
-    return np.flatnonzero((before != after) | ((after & 1) == 1))
+    dirty = (before != after) | ((after & 1) == 1)
+    if pending is not None:
+        dirty[pending] = True  # a mask, not a sorted union: several times faster, in a pause
+    return np.flatnonzero(dirty)
 
 
 @register

@@ -116,7 +116,7 @@ class DiskMirror:
         """Add the blocks written since the last snapshot to those to send; returns the bytes
         to send."""
         now = read_generations(self.generations)
-        self.pending = np.union1d(self.pending, dirty_pages(self.before, now))
+        self.pending = dirty_pages(self.before, now, pending=self.pending)
         self.before = now
         return len(self.pending) * DISK_BLOCK
 

@@ -195,6 +195,16 @@ def test_dirty_rate_moves_generations(driver: SimDriver) -> None:
     assert max(ratios) > 0.9
 
 
+def test_dirty_pages_adds_the_pending_ones() -> None:
+    before = np.array([2, 4, 6, 8, 0, 0], dtype=np.uint32)
+    after = np.array([2, 6, 6, 9, 0, 2], dtype=np.uint32)  # 1 and 5 written, 3 being written
+    assert dirty_pages(before, after).tolist() == [1, 3, 5]
+    pending = np.array([0, 3], dtype=np.intp)
+    assert dirty_pages(before, after, pending=pending).tolist() == [0, 1, 3, 5]
+    with pytest.raises(InvalidRequest):
+        dirty_pages(before, after[:3])
+
+
 def test_disk_writes_move_disk_generations(driver: SimDriver) -> None:
     driver.define(guest("vm-disk", dirty_rate_mib_s=0, disk_write_mib_s=16))
     driver.start("vm-disk", epoch=1)
