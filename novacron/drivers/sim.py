@@ -346,9 +346,14 @@ class SimDriver(Driver):
     def start_incoming(self, vm_id: str, epoch: int) -> GuestInfo:
         """Hand a migrated guest over: the guest waiting since :meth:`prepare_incoming` (started
         now if it is gone) takes over the memory, generations and control header a migrator
-        wrote, with ``epoch``, unthrottled. A guest handed over already is returned as is."""
+        wrote, with ``epoch``, unthrottled. A guest handed over already is returned as is.
+
+        The new epoch is made durable just after the guest runs (the fsync would lengthen the
+        downtime), before the incoming marker goes: a call repeated after a crash in between
+        hands over again (a no-op for a running guest) and writes it then.
+        """
         with self._lock(vm_id):
-            config = self._claim_epoch(vm_id, epoch)
+            config, new_epoch = self._claim_epoch(vm_id, epoch)
             paths = self.memory_paths(vm_id)
             proc = self._process(vm_id)
             if not paths.incoming.exists():
@@ -356,6 +361,8 @@ class SimDriver(Driver):
                     raise InvalidTransition(f"guest {vm_id} on {self.host} has no incoming "
                                             "migration (call prepare_incoming first)",
                                             details={"vm_id": vm_id, "host": self.host})
+                if new_epoch:
+                    self._save(config)
                 _poke(paths.control, EPOCH_OFFSET, epoch.to_bytes(8, "little"))
                 return self._info(config)
             self._check_incoming(paths, config)
@@ -366,6 +373,8 @@ class SimDriver(Driver):
                 pid = proc.pid
             _signal(pid, signal.SIGUSR1)
             self._await_phase(vm_id, pid, Phase.RUNNING, poll_s=_FAST_POLL_S)
+            if new_epoch:
+                self._save(config)
             paths.incoming.unlink()
             log.info("handed guest %s over on %s to pid %d (epoch %d)", vm_id, self.host, pid,
                      epoch)
@@ -633,22 +642,22 @@ class SimDriver(Driver):
                                     details={"vm_id": vm_id, "action": action})
         return proc
 
-    def _claim_epoch(self, vm_id: str, epoch: int) -> GuestConfig:
-        """The guest's config, now with ``epoch``; StaleEpoch if it started with a later one."""
+    def _claim_epoch(self, vm_id: str, epoch: int) -> tuple[GuestConfig, bool]:
+        """The guest's config with ``epoch``, and whether that epoch is new (the caller saves
+        it); StaleEpoch if the guest started with a later one."""
         config = self._load(vm_id)
         if epoch < config.epoch:
             raise StaleEpoch(f"refusing to start guest {vm_id} with epoch {epoch}: it was "
                              f"started with epoch {config.epoch}",
                              details={"vm_id": vm_id, "epoch": epoch,
                                       "current_epoch": config.epoch})
-        if epoch > config.epoch:
-            config = replace(config, epoch=epoch)
-            self._save(config)
-        return config
+        return replace(config, epoch=epoch), epoch > config.epoch
 
     def _start(self, vm_id: str, epoch: int) -> GuestInfo:
         with self._lock(vm_id):
-            config = self._claim_epoch(vm_id, epoch)
+            config, new_epoch = self._claim_epoch(vm_id, epoch)
+            if new_epoch:
+                self._save(config)
             paths = self.memory_paths(vm_id)
             proc = self._process(vm_id)
             if proc is not None:

@@ -434,6 +434,8 @@ def test_incoming_guest_takes_over_migrated_memory(driver: SimDriver, tmp_path: 
     assert status.touched_pages == int((gens != 0).sum())  # the source's count, carried on
     assert status.throttle_pct == 0  # a migration's throttle ends with it
     assert target.start_incoming("vm-move", epoch=2).guest_id == info.guest_id  # idempotent
+    with pytest.raises(StaleEpoch):
+        target.start_incoming("vm-move", epoch=1)  # the handover's epoch was written
     with pytest.raises(InvalidTransition, match="running"):
         target.prepare_incoming("vm-move")  # never over a guest that runs
     assert dst.memory.read_bytes() == source_memory
