@@ -27,11 +27,13 @@ _GIB = 1024**3
 @dataclass(frozen=True)
 class Path:
     """How a migration between two kinds of host runs: the run that implements it
-    (``actors/migration/<name>.py``), the modes it can do and the policy options it honours."""
+    (``actors/migration/<name>.py``), the modes it can do, the policy options it honours and
+    the pairs of them it cannot combine."""
 
     name: str
     modes: frozenset[str]
     options: frozenset[str] = frozenset()
+    conflicts: frozenset[frozenset[str]] = frozenset()
     why: str = ""  # why the other modes are not possible, where it is not obvious
 
 
@@ -42,8 +44,18 @@ PATHS: dict[tuple[str, str], Path] = {
     ("sim", "aws"): Path("cloud_import", frozenset({"cold"}), why=(
         "the stopped guest's disk is imported as an AMI; a running guest's memory cannot be "
         "moved into an EC2 instance")),
+    # libvirt's own migration; QEMU's multifd (parallel) takes neither compression nor post-copy
+    ("libvirt", "libvirt"): Path(
+        "libvirt", frozenset({"live"}),
+        options=frozenset({"post_copy", "compress", "xbzrle", "parallel"}),
+        conflicts=frozenset({frozenset({"parallel", "compress"}),
+                             frozenset({"parallel", "xbzrle"}),
+                             frozenset({"parallel", "post_copy"})}),
+        why="libvirt moves running guests; cold migration between libvirt hosts is not "
+            "implemented yet, and libvirt has no warm migration"),
 }
-POLICY_OPTIONS = ("post_copy", "compress", "xbzrle")  # off by default; a path must honour them
+# off by default; a path must honour them
+POLICY_OPTIONS = ("post_copy", "compress", "xbzrle", "parallel")
 
 # Why a path lacks a policy option, where it is not obvious: (path name, option) -> reason.
 OPTION_WHY: dict[tuple[str, str], str] = {
@@ -96,6 +108,11 @@ def check_supported(mode: str, policy: MigrationPolicy, source_driver: str,
         raise NotSupported(f"policy option(s) {', '.join(unsupported)} are not available for "
                            f"{mode} migration from a {source_driver} host to a {target_driver} "
                            f"host{why}", details={"options": unsupported})
+    for pair in sorted(sorted(c) for c in path.conflicts):
+        if all(getattr(policy, k) for k in pair):
+            raise NotSupported(f"policy options {' and '.join(pair)} cannot be combined for "
+                               f"{mode} migration from a {source_driver} host to a "
+                               f"{target_driver} host", details={"options": pair})
 
 
 def can_admit(migration: Migration, others: Iterable[Migration]) -> bool:

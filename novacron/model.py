@@ -249,6 +249,8 @@ class MigrationPolicy(_Strict):
     compress: bool = False
     xbzrle: bool = False
     verify: bool = False  # compare memory digests while paused (a longer downtime)
+    # memory over this many parallel connections (libvirt/QEMU multifd); 0: one connection
+    parallel: int = Field(default=0, ge=0, le=64)
 
 
 class MigrationCreate(_Strict):

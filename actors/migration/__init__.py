@@ -24,6 +24,12 @@ from novacron.states import MigrationPhase
 log = logging.getLogger("novacron.actors.migration")
 
 PATHS: dict[str, type[Run]] = {"sim": SimRun, "cloud_import": ImportRun}
+try:  # needs libvirt-python; without it no libvirt host can be registered either
+    from actors.migration.libvirt import LibvirtRun
+
+    PATHS["libvirt"] = LibvirtRun
+except NovaCronError as _missing:  # pragma: no cover - depends on the environment
+    log.info("libvirt migrations unavailable: %s", _missing.message)
 
 
 class MigrationActor:

@@ -165,6 +165,13 @@ class Run:
         """After a rollback: leave the source guest as it was before the migration."""
         raise NotImplementedError
 
+    def settle(self) -> bool:
+        """Before a rollback: end what the hypervisor may still be doing for this migration,
+        and say whether the guest ended up running on the target anyway (a hypervisor that
+        switches over by itself may have finished first): then the run rolls forward instead.
+        By default there is nothing to end and the guest is on the source."""
+        return False
+
     def destroy_target(self) -> None:
         """After a rollback: remove the guest from the target (by default with ``dst``)."""
         self.destroy(self.dst)
@@ -240,9 +247,34 @@ class Run:
                 log.warning("migration %s: could not clean %s: %s", self.id, driver.host,
                             exc.message)
 
+    def _landed(self) -> bool:
+        """:meth:`settle`, if the record still has the VM on its source and the phase allows
+        going on to the switchover; False when that cannot be told."""
+        record = VM.model_validate(self._call("migration_context", self.id)["vm"])
+        self.save()
+        if record.host == self.m.target or self.m.phase not in _ORDER[1:-1]:
+            return False
+        try:
+            return self.settle()
+        except NovaCronError as exc:
+            log.warning("migration %s: cannot tell where the guest is: %s", self.id,
+                        exc.message)
+            return False
+
     def _rollback(self, phase: MigrationPhase, reason: str) -> None:
         """Give the VM back to its source: clean the target, restore the source guest."""
         log.warning("migration %s: rolling back (%s)", self.id, reason)
+        if self._landed():
+            log.warning("migration %s: too late to roll back (%s): the guest runs on the "
+                        "target; completing", self.id, reason)
+            self.outcome["stopped_late"] = reason
+            self.save()
+            if self.m.phase == P.PREPARING:
+                self.enter(P.SYNCING_DISK)
+            if self.m.phase == P.PRECOPY:
+                self.enter(P.STOP_AND_COPY)
+            self._switchover()
+            return
         current = Migration.model_validate(self._call("migration_context", self.id)["migration"])
         if phase == P.ROLLED_BACK and current.phase != P.CANCELLING:
             self._call("migration_update", self.id, phase=P.CANCELLING)

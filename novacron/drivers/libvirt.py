@@ -43,6 +43,10 @@ Host ``config`` keys (all optional):
     credentials for URIs that ask for them (SASL over TCP, ESXi).
 ``keepalive_interval_s`` / ``keepalive_count``
     libvirt keepalive: the connection is declared dead after ``interval * (count + 1)`` s (5, 3).
+``migration_uri``
+    the URI other hosts' libvirtd reach this host's libvirtd at, for migrations to it (like
+    Nova's ``live_migration_inbound_addr``), e.g. ``qemu+tcp://kvm-2.example/system``; by
+    default the host's own URI, which must then name a remote host (not ``qemu:///system``).
 """
 
 from __future__ import annotations
@@ -59,7 +63,7 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, ClassVar
@@ -325,6 +329,7 @@ class HostConfig:
     password: str = field(default="", repr=False)
     keepalive_interval_s: int = 5
     keepalive_count: int = 3
+    migration_uri: str = ""
 
     @classmethod
     def parse(cls, config: Mapping[str, Any]) -> HostConfig:
@@ -355,6 +360,8 @@ class HostConfig:
         if parsed.disk_allocation_ratio <= 0:
             raise InvalidRequest("disk_allocation_ratio must be positive")
         parsed.interfaces()  # validates ``network``
+        if parsed.migration_uri:
+            LibvirtURI.parse(parsed.migration_uri)
         return parsed
 
     def interfaces(self) -> tuple[Interface, ...]:
@@ -404,6 +411,8 @@ class _EventLoop:
 
 
 # -- migration job statistics ----------------------------------------------------------------
+
+COMPRESSION_METHODS = ("xbzrle", "mt")  # libvirt's memory compression methods for migration
 
 _JOB_TYPES = {
     libvirt.VIR_DOMAIN_JOB_NONE: "none",
@@ -463,6 +472,20 @@ class JobStats:
 def domain_name(vm_id: str) -> str:
     """The libvirt domain name of a VM."""
     return f"{DOMAIN_PREFIX}{vm_id}"
+
+
+def migration_uri(uri: str | None, config: Mapping[str, Any]) -> str:
+    """The URI other hosts' libvirtd reach a host at, for migrations to it: its config's
+    ``migration_uri``, else its own URI when that names a remote host; NotSupported, saying
+    what to set, when neither does."""
+    settings = HostConfig.parse(config)
+    target = LibvirtURI.parse(settings.migration_uri or uri)
+    if target.local:
+        raise NotSupported(
+            f"a host registered as {target.raw} cannot be reached by another host's libvirtd;"
+            " set its config migration_uri (e.g. qemu+tcp://<address>/system)",
+            details={"uri": target.raw})
+    return target.raw
 
 
 def _check_vm_id(vm_id: str) -> None:
@@ -1057,6 +1080,10 @@ class LibvirtDriver(Driver):
             with translate(f"cannot delete volume {name!r}", volume=name):
                 vol.delete(0)
 
+    def delete_volume_path(self, path: str) -> None:
+        """Delete the volume at ``path`` (in whichever pool); succeeds if there is none."""
+        self._delete_volume_path(path)
+
     def resize_volume(self, name: str, capacity_bytes: int, *,
                       pool: str | None = None) -> Volume:
         """Grow a volume that no running guest uses (shrinking is refused)."""
@@ -1136,7 +1163,8 @@ class LibvirtDriver(Driver):
 
     # -- migration ---------------------------------------------------------------------------
     def migrate_live(self, vm_id: str, dest_uri: str, *, copy_storage: bool = False,
-                     compressed: bool = False, parallel: int = 0,
+                     compressed: bool = False, compression: Sequence[str] = (),
+                     parallel: int = 0, auto_converge: bool = False, post_copy: bool = False,
                      bandwidth_mib_s: int | None = None, max_downtime_ms: int | None = None,
                      allow_unsafe: bool = False, epoch: int | None = None) -> GuestInfo:
         """Live-migrate a running guest to ``dest_uri`` (as the source libvirtd reaches it)
@@ -1145,22 +1173,37 @@ class LibvirtDriver(Driver):
         ``copy_storage`` copies every disk (copy-storage-all): the destination volumes are
         created first, and removed again if the migration fails; on success the source volumes
         are deleted. Without it the disks must be on storage both hosts share (libvirt refuses
-        storage it cannot see as shared unless ``allow_unsafe``). ``epoch`` is recorded on the
-        destination. Returns the guest as the destination sees it.
+        storage it cannot see as shared unless ``allow_unsafe``). ``compressed`` compresses the
+        memory stream with the ``compression`` methods (``xbzrle``, ``mt``; libvirt's default,
+        xbzrle, when empty). ``auto_converge`` lets QEMU throttle the guest's vCPUs when
+        pre-copy does not converge; ``post_copy`` allows :meth:`start_post_copy`. ``epoch`` is
+        recorded on the destination. Returns the guest as the destination sees it.
         """
         self.require(Capability.LIVE_MIGRATION)
         dest = LibvirtURI.parse(dest_uri)
-        self._check_migration_options(dest, copy_storage=copy_storage, compressed=compressed,
+        self._check_migration_options(dest, copy_storage=copy_storage,
+                                      compressed=compressed or bool(compression),
                                       parallel=parallel, bandwidth_mib_s=bandwidth_mib_s,
                                       max_downtime_ms=max_downtime_ms)
+        unknown = sorted(set(compression) - set(COMPRESSION_METHODS))
+        if unknown:
+            raise InvalidRequest(f"unknown compression method(s) {unknown}; libvirt offers"
+                                 f" {', '.join(COMPRESSION_METHODS)}",
+                                 details={"compression": unknown})
         dom, meta = self._active(vm_id, "live-migrate")
         flags = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER
                  | libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
         params: dict[str, Any] = {}
         if copy_storage:
             flags |= libvirt.VIR_MIGRATE_NON_SHARED_DISK
-        if compressed:
+        if compressed or compression:
             flags |= libvirt.VIR_MIGRATE_COMPRESSED
+            if compression:
+                params[libvirt.VIR_MIGRATE_PARAM_COMPRESSION] = list(compression)
+        if auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if post_copy:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
         if parallel:
             flags |= libvirt.VIR_MIGRATE_PARALLEL
             params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = parallel
@@ -1189,9 +1232,10 @@ class LibvirtDriver(Driver):
 
     def job_stats(self, vm_id: str, *, completed: bool = False) -> JobStats:
         """The guest's current job (a migration) or, with ``completed``, its last finished
-        one (on a migration's destination this includes the downtime)."""
+        one (on a migration's destination this includes the downtime; reading keeps it)."""
         dom, _meta = self._guest(vm_id)
-        flags = libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED if completed else 0
+        flags = (libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED
+                 | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED) if completed else 0
         with translate(f"cannot read job stats of guest {vm_id}", vm_id=vm_id):
             return JobStats.from_libvirt(dom.jobStats(flags))
 
@@ -1206,6 +1250,54 @@ class LibvirtDriver(Driver):
             raise map_error(err, f"cannot abort the job of guest {vm_id}", vm_id=vm_id) from err
         log.info("aborted the job of %s on %s", domain_name(vm_id), self.host)
         return True
+
+    def host_uuid(self) -> str:
+        """The host UUID this libvirtd goes by (libvirt refuses to migrate between two daemons
+        with the same one: it takes them for one host)."""
+        with translate("cannot read host capabilities", host=self.host):
+            caps = ET.fromstring(self._c().getCapabilities())
+        return caps.findtext("host/uuid") or ""
+
+    def storage_shared_with(self, vm_id: str, dest_uri: str) -> bool:
+        """Whether the libvirtd at ``dest_uri`` sees the guest's disks as this host does (a
+        live migration moves only the memory) or not (every disk must be copied). Checked as
+        Nova does: a probe file made in each disk's pool on the destination (the pool is set
+        up there with the same path if missing) must show up here. NotSupported when some
+        disks are shared and others are not."""
+        dest = LibvirtURI.parse(dest_uri)
+        pools = {p.name: p for p in (self._pool_of(v.path) for v in self.guest_volumes(vm_id))}
+        seen: dict[str, bool] = {}
+        with self._peer(dest) as peer:
+            for pool in pools.values():
+                probe = Volume(name=f"novacron-probe-{uuid.uuid4().hex}", capacity_bytes=0,
+                               format="raw")
+                with translate(f"cannot probe storage pool {pool.name!r} on {dest.raw}",
+                               pool=pool.name, dest_uri=dest.raw):
+                    made = _ensure_dir_pool(peer, pool, dest.raw).createXML(probe.to_xml(), 0)
+                try:
+                    seen[pool.name] = self._volume_by_path(made.path()) is not None
+                finally:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        made.delete(0)
+                    with translate(f"cannot refresh storage pool {pool.name!r}"):
+                        self._pool(pool.name).refresh(0)  # forget the probe here too
+        if len(set(seen.values())) > 1:
+            raise NotSupported(
+                f"guest {vm_id} has disks both on storage {dest.raw} shares"
+                f" ({[p for p, shared in seen.items() if shared]}) and on storage it does not;"
+                " libvirt copies all disks or none", details={"vm_id": vm_id, "pools": seen})
+        return all(seen.values())
+
+    def start_post_copy(self, vm_id: str) -> None:
+        """Switch the guest's running migration (started with ``post_copy``) to post-copy: it
+        runs on the destination from now on, which pulls the rest of its memory on demand.
+        A migration in post-copy can no longer be aborted."""
+        dom, _meta = self._guest(vm_id)
+        with translate(f"cannot switch the migration of guest {vm_id} to post-copy",
+                       vm_id=vm_id):
+            dom.migrateStartPostCopy(0)
+        log.info("switched the migration of %s on %s to post-copy", domain_name(vm_id),
+                 self.host)
 
     def _check_migration_options(self, dest: LibvirtURI, *, copy_storage: bool,
                                  compressed: bool, parallel: int, bandwidth_mib_s: int | None,
