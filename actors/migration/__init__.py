@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import ray
@@ -46,16 +47,46 @@ class MigrationActor:
         return os.getpid()
 
     def _main(self) -> None:
-        try:
-            ref: Any = self.controller.migration_context.remote(self.migration_id)
-            context: dict[str, Any] = ray.get(ref)
-            path = rules.path_for(context["source"]["driver"], context["target"]["driver"],
-                                  context["migration"]["mode"])
-        except NovaCronError as exc:  # refused up front, unless the hosts changed since
-            ray.get(self.controller.migration_end.remote(
-                self.migration_id, MigrationPhase.FAILED.value, exc.message, {}))
+        run = self._build()
+        if run is None:
             return
         try:
-            PATHS[path](self.migration_id, self.controller, self.state_dir, context).run()
+            run.run()
         except Exception:
             log.exception("migration %s: the run failed", self.migration_id)
+
+    def _context(self) -> dict[str, Any]:
+        ref: Any = self.controller.migration_context.remote(self.migration_id)
+        context: dict[str, Any] = ray.get(ref)
+        return context
+
+    def _fail(self, reason: str) -> None:
+        ray.get(self.controller.migration_end.remote(
+            self.migration_id, MigrationPhase.FAILED.value, reason, {}))
+
+    def _build(self) -> Run | None:
+        """The run of this migration's path. A host whose driver cannot connect yet is retried
+        with backoff; before the switchover the migration fails after ``NO_PROGRESS_TIMEOUT_S``
+        of that (nothing moved yet, or the VM's agent restores its source), at the switchover
+        it is retried until the host comes back (the guest may already run on the target)."""
+        delay, waited = 1.0, 0.0
+        while True:
+            context = self._context()
+            try:
+                path = rules.path_for(context["source"]["driver"], context["target"]["driver"],
+                                      context["migration"]["mode"])
+            except NovaCronError as exc:  # refused up front, unless the hosts changed since
+                self._fail(exc.message)
+                return None
+            try:
+                return PATHS[path](self.migration_id, self.controller, self.state_dir, context)
+            except NovaCronError as exc:
+                switching = context["migration"]["phase"] == MigrationPhase.SWITCHOVER.value
+                if not switching and waited >= rules.NO_PROGRESS_TIMEOUT_S:
+                    self._fail(f"cannot reach a host of the migration: {exc.message}")
+                    return None
+                log.warning("migration %s: cannot start its run (%s); retrying in %.0f s",
+                            self.migration_id, exc.message, delay)
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 10.0)
