@@ -137,6 +137,16 @@ def placement_request(spec: VMSpec, *, pinned: str | None = None,
                             hard=policy.hard, domain=policy.domain, tenant=tenant)
 
 
+def back_from_unreachable(host: Host) -> HostState:
+    """The state a host that reports again returns to: draining while its drain runs,
+    maintenance if it was in maintenance, else up."""
+    if host.draining:
+        return HostState.DRAINING
+    if host.state_before_unreachable == HostState.MAINTENANCE:
+        return HostState.MAINTENANCE
+    return HostState.UP
+
+
 def unsettled(vm: VM) -> bool:
     """Whether the VM's observed state is not yet what was asked for."""
     return vm.pending is not None or vm.state != SETTLED[vm.desired]
@@ -820,8 +830,8 @@ class ControlPlane:
             self._host_stats[host] = dict(stats)
             current = host_from(record)
             if current.state == HostState.UNREACHABLE:
-                back = HostState.DRAINING if current.draining else HostState.UP
-                self._write_host(current.model_copy(update={"state": back}))
+                self._write_host(current.model_copy(update={
+                    "state": back_from_unreachable(current), "state_before_unreachable": None}))
                 log.info("host %s is reachable again", host)
             for guest in guests:
                 vm_record = self.store.get("vm", str(guest["vm_id"]))
@@ -869,7 +879,8 @@ class ControlPlane:
     def _mark_unreachable(self, host: Host) -> None:
         with self._lock:
             log.warning("host %s missed its heartbeats: unreachable", host.name)
-            self._write_host(host.model_copy(update={"state": HostState.UNREACHABLE}))
+            self._write_host(host.model_copy(update={"state": HostState.UNREACHABLE,
+                                                     "state_before_unreachable": host.state}))
             for vm in self.list_vms(host=host.name):
                 if vm.state not in (VMState.UNKNOWN, VMState.PENDING):
                     self._write_vm(vm.model_copy(update={"state": VMState.UNKNOWN}))

@@ -214,6 +214,8 @@ class Host(BaseModel):
     tenant: str = "*"
     state: HostState = HostState.UP
     drain: Drain | None = None  # the host's current or last drain
+    # what an unreachable host was before it went silent (maintenance is kept when it is back)
+    state_before_unreachable: HostState | None = None
     created_at: float = Field(default_factory=time.time)
     revision: int = 0
 

@@ -267,6 +267,24 @@ def test_silent_host_becomes_unreachable_and_recovers(
     assert plane.all_host_stats() == {"h": {"cpu_load": 0.1}}
 
 
+def test_a_host_in_maintenance_comes_back_in_maintenance(
+        quiet: tuple[ControlPlane, RecordingFleet, list[float]]) -> None:
+    plane, _, clock = quiet
+    plane.heartbeat("h", {}, [])
+    plane.set_host_state("h", HostState.MAINTENANCE)
+    clock[0] += plane.heartbeat_timeout_s + 1
+    plane.reconcile_once()
+    assert plane.get_host("h").state == HostState.UNREACHABLE
+    plane.heartbeat("h", {}, [])
+    host = plane.get_host("h")
+    assert (host.state, host.state_before_unreachable) == (HostState.MAINTENANCE, None)
+    plane.set_host_state("h", HostState.UP)
+    clock[0] += plane.heartbeat_timeout_s + 1
+    plane.reconcile_once()
+    plane.heartbeat("h", {}, [])
+    assert plane.get_host("h").state == HostState.UP
+
+
 def test_a_new_host_has_time_for_its_first_heartbeat(
         quiet: tuple[ControlPlane, RecordingFleet, list[float]]) -> None:
     plane, _, clock = quiet
