@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 
+from novacron.cli.cluster import wait_http
 from novacron.ids import new_id
 from novacron.model import VM, VMSpec
 from novacron.states import PowerState, VMState
@@ -103,18 +104,6 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="error")
 """
 
 
-def wait_ready(url: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} never answered")
-
-
 def run(records: int, requests: int, posts: int) -> dict[str, Any]:
     import ray
     from fastapi import FastAPI
@@ -137,7 +126,7 @@ def run(records: int, requests: int, posts: int) -> dict[str, Any]:
         start_control_plane(settings)
         deploy(settings)
         base = f"http://127.0.0.1:{settings.api_port}"
-        wait_ready(f"{base}/readyz")
+        wait_http(f"{base}/readyz")
         auth = {"Authorization": f"Bearer {admin_token(settings)}"}
         list_url = f"{base}/api/v1/vms?limit=100"
         payload = httpx.get(list_url, headers=auth).json()
@@ -157,12 +146,12 @@ def run(records: int, requests: int, posts: int) -> dict[str, Any]:
 
         serve.run(NoOp.bind(), name="noop", route_prefix="/noop",  # type: ignore[attr-defined]
                   blocking=False)
-        wait_ready(f"{base}/noop/api/v1/vms")
+        wait_http(f"{base}/noop/api/v1/vms")
 
         bare_port = free_port()
         bare = subprocess.Popen([sys.executable, "-c", BARE_APP, str(payload_path),
                                  str(bare_port)])
-        wait_ready(f"http://127.0.0.1:{bare_port}/api/v1/vms")
+        wait_http(f"http://127.0.0.1:{bare_port}/api/v1/vms")
 
         figures = {  # the baselines get the same header, and ignore it
             "novacron_list": measure_get(list_url, requests, auth),

@@ -124,7 +124,8 @@ def _address(args: argparse.Namespace, settings: Settings) -> str:
     return "auto"
 
 
-def _wait_http(url: str, timeout_s: float) -> None:
+def wait_http(url: str, timeout_s: float = 120.0) -> None:
+    """Wait until ``url`` answers 200; OperationTimeout after ``timeout_s``."""
     import httpx
 
     deadline = time.monotonic() + timeout_s
@@ -152,7 +153,7 @@ def cmd_up(args: argparse.Namespace, settings: Settings) -> int:
         start_control_plane(settings)
     with out.status("Starting the HTTP API..."):
         deploy(settings)
-        _wait_http(f"http://{settings.api_host}:{settings.api_port}/readyz", 120)
+        wait_http(f"http://{settings.api_host}:{settings.api_port}/readyz", 120)
     api = f"http://{settings.api_host}:{settings.api_port}"
     out.print(f"[bold green]NovaCron is up[/] (state in {settings.state_dir})")
     out.print(f"  HTTP API        {api}/api/v1   (OpenAPI docs: {api}/docs)")
