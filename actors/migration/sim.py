@@ -205,10 +205,12 @@ class SimRun(Run):
             dirty_bytes = len(dirty) * PAGE_SIZE
             disk_dirty = mirror.collect()
             rate = result.rate or self.progress.rate or 1.0
+            disk_rate = self.bucket.rate if self.bucket else rate  # blocks go uncompressed
             step = decide(policy, state, PassReport(result.bytes + disk.bytes,
                                                     result.seconds + disk.seconds, dirty_bytes,
                                                     disk_bytes_dirty=disk_dirty),
                           device_state_bytes=after.nbytes + PAGE_SIZE, bandwidth=rate,
+                          disk_bandwidth=disk_rate,
                           switchover_s=self.checkpoint_s + _PAUSE_AND_HANDOVER_S)
             state = step.state
             converged = 1 - min(1.0, len(dirty) / total)

@@ -97,17 +97,23 @@ def decide(
     *,
     device_state_bytes: int = 0,
     bandwidth: float | None = None,
+    disk_bandwidth: float | None = None,
     switchover_s: float = 0.0,
 ) -> Decision:
-    """The step after a pass; ``bandwidth`` (bytes/s) defaults to the pass's own throughput;
-    ``switchover_s``: the downtime a switchover takes besides sending the rest."""
+    """The step after a pass; ``bandwidth`` (bytes/s of memory) defaults to the pass's own
+    throughput, ``disk_bandwidth`` (bytes/s of disk blocks, which may travel at another rate:
+    uncompressed while memory is compressed) to ``bandwidth``; ``switchover_s``: the downtime a
+    switchover takes besides sending the rest."""
     if bandwidth is None:
         if last.seconds <= 0 or last.bytes_sent <= 0:
             raise InvalidRequest("a pass that sent nothing cannot measure the bandwidth")
         bandwidth = last.bytes_sent / last.seconds
-    if bandwidth <= 0:
-        raise InvalidRequest("bandwidth must be positive", details={"bandwidth": bandwidth})
-    downtime = (last.dirty + device_state_bytes) / bandwidth + switchover_s
+    disk_bandwidth = disk_bandwidth or bandwidth
+    if min(bandwidth, disk_bandwidth) <= 0:
+        raise InvalidRequest("bandwidth must be positive",
+                             details={"bandwidth": bandwidth, "disk_bandwidth": disk_bandwidth})
+    downtime = ((last.bytes_dirty + device_state_bytes) / bandwidth
+                + last.disk_bytes_dirty / disk_bandwidth + switchover_s)
     high = last.dirty > policy.throttle_trigger * last.bytes_sent
     state = replace(
         state,
