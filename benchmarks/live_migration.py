@@ -166,13 +166,14 @@ class Bench:
         except NovaCronError as exc:
             return {**row, "refused": exc.message}
         record = mig.wait(timeout=900, poll_s=0.1).record
-        row.update(phase=record.phase.value, reason=record.reason, prediction=model.to_dict())
+        row.update(phase=record.phase.value, reason=record.reason, prediction=model.to_dict(),
+                   iterations=record.progress.iteration,
+                   rate_mib_s=record.progress.rate / MIB)  # of the last pass
         if record.phase == MigrationPhase.COMPLETED:
             out = record.outcome
             row.update(downtime_ms=out["downtime_ms"], total_s=out["total_s"],
                        bytes=out["bytes"], memory_bytes_sent=out["memory_bytes_sent"],
                        bytes_per_ram=out["memory_bytes_sent"] / (self.memory_mib * MIB),
-                       iterations=record.progress.iteration,
                        throttle_pct=record.progress.throttle_pct,
                        **{k: out.get(k) for k in ("expected_downtime_ms", "stop_and_copy_ms",
                                                   "handover_ms", "final_pages",
@@ -269,7 +270,8 @@ def print_row(row: dict[str, Any]) -> None:
         print(f"  {label:<44} refused: {row['refused']}", flush=True)
         return
     if row["phase"] != MigrationPhase.COMPLETED.value:
-        print(f"  {label:<44} {row['phase']}: {row['reason']}", flush=True)
+        print(f"  {label:<44} {row['phase']} after {row['iterations']} passes (the last at "
+              f"{row['rate_mib_s']:.0f} MiB/s): {row['reason']}", flush=True)
         return
     p = row["prediction"]
     print(f"  {label:<44} downtime {row['downtime_ms']:6.1f} ms (planner "
@@ -277,7 +279,8 @@ def print_row(row: dict[str, Any]) -> None:
           f"{row['downtime_ms'] / QEMU_DEFAULT_DOWNTIME_MS:.2f}x QEMU's 300 ms)  "
           f"total {row['total_s']:6.2f} s (model {p['duration_s']:6.2f})  "
           f"memory {row['bytes_per_ram']:4.2f}x RAM  passes {row['iterations']:2d} "
-          f"(model {p['passes']:2d})  throttle {row['throttle_pct']:2d} %  "
+          f"(model {p['passes']:2d}, last at {row['rate_mib_s']:4.0f} MiB/s)  "
+          f"throttle {row['throttle_pct']:2d} %  "
           f"[pause to copied {row['stop_and_copy_ms']:.1f} ms: {row['final_pages']} pages, "
           f"{row['final_disk_blocks']} disk blocks; handover {row['handover_ms']:.1f} ms]",
           flush=True)
