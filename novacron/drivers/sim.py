@@ -394,6 +394,7 @@ class SimDriver(Driver):
                                             "incoming migration needs it stopped",
                                             details={"vm_id": vm_id, "host": self.host})
                 _kill(vm_id, proc, signal.SIGKILL)
+            self._kill_strays(vm_id)
             self._create_memory(paths, config)
             paths.incoming.touch()
             paths.pidfile.unlink(missing_ok=True)
@@ -418,6 +419,7 @@ class SimDriver(Driver):
                         _kill(vm_id, proc, signal.SIGKILL)
                 log.info("stopped guest %s (pid %d)%s", vm_id, proc.pid,
                          " by force" if force else "")
+            self._kill_strays(vm_id)
             self._release(vm_id)
         return self.get(vm_id)
 
@@ -631,6 +633,20 @@ class SimDriver(Driver):
         """The guest's live process, verified by its command line (pids get reused)."""
         pid = self._pid(vm_id)
         return None if pid is None else _live_process(pid, self._root / vm_id)
+
+    def _kill_strays(self, vm_id: str) -> None:
+        """SIGKILL processes of this guest that its pidfile does not name: a launch whose
+        caller died before the pidfile was settled (e.g. a migration's target end killed while
+        preparing an incoming guest) leaves one behind, which nothing else would stop."""
+        guest_dir = self._root / vm_id
+        tracked = self._pid(vm_id)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != tracked:
+                proc = _live_process(int(entry), guest_dir)
+                if proc is not None:
+                    log.warning("killing stray process %d of guest %s on %s", proc.pid, vm_id,
+                                self.host)
+                    _kill(vm_id, proc, signal.SIGKILL)
 
     def _require_running(self, vm_id: str, action: str, *, paused_ok: bool) -> _Process:
         self._load(vm_id)

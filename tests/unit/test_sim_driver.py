@@ -460,3 +460,22 @@ def test_a_waiting_incoming_guest_is_replaced_or_stopped(driver: SimDriver) -> N
     assert not still_alive(int(first or 0), "")
     assert driver.stop("vm-wait").state == VMState.STOPPED  # SIGTERM ends the wait
     assert not driver.memory_paths("vm-wait").incoming.exists()
+
+
+def test_a_guest_process_its_pidfile_lost_is_killed_too(driver: SimDriver) -> None:
+    """A launch whose caller died before the pidfile settled leaves a process nothing tracks:
+    preparing again and stopping kill it as well."""
+    driver.define(guest("vm-stray"))
+    driver.prepare_incoming("vm-stray")
+    paths = driver.memory_paths("vm-stray")
+    stray = int(driver.get("vm-stray").guest_id or 0)
+    started = proc_stat(stray)[19]
+    paths.pidfile.unlink()  # as if a second launch had raced it
+    driver.prepare_incoming("vm-stray")
+    assert not still_alive(stray, started)
+    stray = int(driver.get("vm-stray").guest_id or 0)
+    started = proc_stat(stray)[19]
+    paths.pidfile.unlink()
+    driver.stop("vm-stray", force=True)
+    assert not still_alive(stray, started)
+    driver.undefine("vm-stray")
